@@ -1,0 +1,164 @@
+"""Bucket stage: train centroids on a driver sample, assign rows to their top-m
+buckets in tasks, and plan search tasks so none holds more than a bounded
+number of rows.
+
+A bucket larger than ``max_task_rows`` is split into B blocks (by a hash of
+row_id) and searched as B diagonal tasks (a block against itself) plus
+B(B-1)/2 block-pair tasks, so the search stays exact inside the bucket.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from dedup_spark import kernels, storage
+from dedup_spark.config import JobConfig
+from dedup_spark.tables import binary_matrix
+
+log = logging.getLogger(__name__)
+
+ASSIGNED_SCHEMA = T.StructType([
+    T.StructField("bucket_id", T.IntegerType(), False),
+    T.StructField("row_id", T.LongType(), False),
+    T.StructField("embedding", T.BinaryType(), False),
+])
+# Fraction of max_task_rows one block aims at; hashing makes block sizes vary a little.
+_BLOCK_FILL = 0.45
+
+
+def choose_k(rows: int, config: JobConfig) -> int:
+    """Buckets: the configured k, or the cost-model optimum m * sqrt(N / 2).
+
+    Per row, a flat assignment costs K*d multiply-adds and the in-bucket
+    search m^2 * N * d / (2K); their sum is smallest at K = m * sqrt(N / 2).
+    At least one bucket, at most N / 8 (buckets of a handful of rows waste
+    the per-task overhead).
+    """
+    if config.bucketing.k is not None:
+        return max(1, min(config.bucketing.k, rows))
+    k = round(config.bucketing.m * math.sqrt(rows / 2.0))
+    return int(max(1, min(k, rows // 8)))
+
+
+def max_task_rows(spark: SparkSession, dim: int, config: JobConfig) -> int:
+    """Rows one search task may hold: the configured cap, or derived from executor memory and d."""
+    if config.search.max_task_rows is not None:
+        return config.search.max_task_rows
+    conf = spark.sparkContext.getConf()
+    memory = conf.get("spark.executor.memory", None) or conf.get("spark.driver.memory", "1g")
+    cores = int(conf.get("spark.executor.cores", "0") or 0) or spark.sparkContext.defaultParallelism
+    budget = _parse_bytes(memory) / max(1, cores) / 2
+    # Per row: the float16 copy, its float32 copy, a row of the score block and bookkeeping.
+    per_row = dim * 6 + 4 * config.search.query_block_rows + 64
+    return int(max(2000, min(200_000, budget // per_row)))
+
+
+def _parse_bytes(text: str) -> float:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+    text = text.strip().lower().rstrip("b")
+    if text and text[-1] in units:
+        return float(text[:-1]) * units[text[-1]]
+    return float(text)
+
+
+def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, config: JobConfig) -> tuple[np.ndarray, dict]:
+    """Spherical k-means centroids from a bounded sample collected to the driver."""
+    k = choose_k(valid_rows, config)
+    if k == 1 or config.bucketing.m >= k:
+        # Every row goes to every bucket anyway: no training needed.
+        return np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)), {"k": k, "train_rows": 0}
+    target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
+    fraction = min(1.0, 1.3 * target / max(1, valid_rows))
+    sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").limit(target).toArrow()
+    points = binary_matrix(sample.column("embedding"), dim).astype(np.float32)
+    centroids = kernels.train_centroids(points, k, config.bucketing.kmeans_iterations, config.bucketing.seed)
+    return centroids, {"k": int(centroids.shape[0]), "train_rows": int(points.shape[0])}
+
+
+_CENTROIDS: dict[str, np.ndarray] = {}
+
+
+def _centroids(uri: str) -> np.ndarray:
+    """Centroids read once per Python worker from the model table written by the driver."""
+    if uri not in _CENTROIDS:
+        import io
+
+        _CENTROIDS[uri] = np.load(io.BytesIO(storage.read_bytes(uri)))
+    return _CENTROIDS[uri]
+
+
+def assign(rows: DataFrame, centroids_uri: str, dim: int, m: int) -> DataFrame:
+    """Every valid row once per bucket among its top-m centroids (ASSIGNED_SCHEMA)."""
+
+    def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        centroids = _centroids(centroids_uri)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            embeddings = binary_matrix(batch.column("embedding"), dim)
+            buckets = kernels.assign_buckets(embeddings, centroids, m)
+            width = buckets.shape[1]
+            repeat = np.repeat(np.arange(batch.num_rows), width)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(buckets.reshape(-1).astype(np.int32)), batch.column("row_id").take(repeat),
+                 batch.column("embedding").take(repeat)],
+                names=ASSIGNED_SCHEMA.names,
+            )
+
+    return rows.select("row_id", "embedding").mapInArrow(assign_batches, ASSIGNED_SCHEMA)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Which search task(s) each (bucket, block) feeds, and on which side."""
+
+    blocks: list[tuple[int, int]]            # (bucket_id, number of blocks)
+    routes: list[tuple[int, int, int, int]]  # (bucket_id, block, task_id, side)
+    tasks: int
+    largest_task_rows: int
+    split_buckets: int
+
+
+def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
+    """Split buckets over ``cap`` into blocks; one task per bucket or per block pair."""
+    blocks, routes = [], []
+    task = 0
+    largest = 0
+    split = 0
+    block_rows = max(1, int(cap * _BLOCK_FILL))
+    for bucket_id, size in sorted(bucket_sizes.items()):
+        count = 1 if size <= cap else math.ceil(size / block_rows)
+        blocks.append((bucket_id, count))
+        if count == 1:
+            routes.append((bucket_id, 0, task, 0))
+            task += 1
+            largest = max(largest, size)
+            continue
+        split += 1
+        largest = max(largest, 2 * math.ceil(size / count))
+        for i in range(count):
+            for j in range(i, count):
+                routes.append((bucket_id, i, task, 0))
+                if j != i:
+                    routes.append((bucket_id, j, task, 1))
+                task += 1
+    return SearchPlan(blocks, routes, task, largest, split)
+
+
+def route(assigned: DataFrame, plan: SearchPlan, seed: int) -> DataFrame:
+    """Rows tagged with (task_id, side); rows of a split bucket go to every task of their block."""
+    spark = assigned.sparkSession
+    blocks = spark.createDataFrame(plan.blocks, "bucket_id int, blocks int")
+    routes = spark.createDataFrame(plan.routes, "bucket_id int, block int, task_id int, side int")
+    with_block = assigned.join(F.broadcast(blocks), "bucket_id").withColumn(
+        "block", F.pmod(F.xxhash64(F.col("row_id"), F.lit(seed)), F.col("blocks")).cast("int"))
+    return with_block.join(F.broadcast(routes), ["bucket_id", "block"]).select("task_id", "side", "row_id", "embedding")

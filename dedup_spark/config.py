@@ -1,0 +1,241 @@
+"""One typed, validated configuration object for the whole job.
+
+The knobs and their meaning are documented once, in ``conf/default.yaml``; the
+dataclass defaults below mirror that file (a test keeps them equal), so the
+library works where the YAML file is not shipped (executors, zipped library).
+
+Precedence, later wins: defaults < ``--config FILE`` < explicit command-line
+flags < ``--set key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+FORMATS = ("auto", "laion", "parquet", "npy")
+PAIR_OUTPUTS = ("all", "spanning", "none")
+BUCKETING_METHODS = ("kmeans",)
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is invalid; the message names it."""
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    uri: str | None = None
+    format: str = "auto"
+    embedding_column: str = "embedding"
+    binary_dtype: str = "float16"
+    id_column: str | None = None
+    dim: int | None = None
+    chunk_rows: int = 65536
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    uri: str | None = None
+    pairs: str = "spanning"
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    threshold: float = 0.95
+    max_task_rows: int | None = None
+    query_block_rows: int = 1024
+
+
+@dataclass(frozen=True)
+class BucketingConfig:
+    method: str = "kmeans"
+    k: int | None = None
+    m: int = 2
+    points_per_centroid: int = 64
+    max_train_rows: int = 262144
+    kmeans_iterations: int = 20
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    max_rounds: int = 60
+    checkpoint_every: int = 2
+
+
+@dataclass(frozen=True)
+class KeepConfig:
+    expression: str | None = None
+    order: str = "max"
+
+
+@dataclass(frozen=True)
+class SparkConfig:
+    master: str = "local[*]"
+    driver_memory: str = "4g"
+    conf: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    work_dir: str | None = None
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    bucketing: BucketingConfig = field(default_factory=BucketingConfig)
+    group: GroupConfig = field(default_factory=GroupConfig)
+    keep: KeepConfig = field(default_factory=KeepConfig)
+    spark: SparkConfig = field(default_factory=SparkConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: dict[str, Any]) -> JobConfig:
+        """A copy with dotted-key overrides applied and validated."""
+        merged = self.to_dict()
+        for key, value in overrides.items():
+            _set_dotted(merged, key, value)
+        return from_dict(merged)
+
+    @property
+    def work_uri(self) -> str:
+        if self.run.work_dir:
+            return self.run.work_dir
+        return self.output.uri.rstrip("/") + "/_work"
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    section, _, name = key.partition(".")
+    if not name or section not in tree or not isinstance(tree[section], dict):
+        raise ConfigError(f"unknown config key {key!r}; keys look like section.name, sections: {sorted(tree)}")
+    if name not in tree[section] and section != "spark":
+        raise ConfigError(f"unknown config key {key!r}; {section} has {sorted(tree[section])}")
+    if section == "spark" and name.startswith("conf."):
+        tree[section]["conf"] = {**tree[section]["conf"], name[len("conf."):]: str(value)}
+    else:
+        tree[section][name] = value
+
+
+def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
+    """Check (and gently coerce) one value against its annotated type."""
+    where = f"{section}.{name}"
+    optional = type(None) in typing.get_args(hint)
+    base = next((a for a in typing.get_args(hint) if a is not type(None)), hint) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    origin = typing.get_origin(base)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover
+
+
+def from_dict(tree: dict[str, Any]) -> JobConfig:
+    """Build and validate a JobConfig from a (possibly partial) nested dict."""
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(JobConfig)
+    unknown = set(tree) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown config section(s) {sorted(unknown)}; sections: {sorted(hints)}")
+    for section, section_type in hints.items():
+        given = tree.get(section) or {}
+        if not isinstance(given, dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        field_hints = typing.get_type_hints(section_type)
+        bad = set(given) - set(field_hints)
+        if bad:
+            raise ConfigError(f"unknown config key(s) {sorted(f'{section}.{b}' for b in bad)}; {section} has {sorted(field_hints)}")
+        values = {name: _coerce(section, name, field_hints[name], given[name]) for name in given}
+        sections[section] = section_type(**values)
+    config = JobConfig(**sections)
+    validate(config)
+    return config
+
+
+def validate(config: JobConfig) -> None:
+    """Value checks that types alone do not catch."""
+    checks = [
+        (config.input.format in FORMATS, f"input.format must be one of {FORMATS}"),
+        (config.output.pairs in PAIR_OUTPUTS, f"output.pairs must be one of {PAIR_OUTPUTS}"),
+        (config.bucketing.method in BUCKETING_METHODS, f"bucketing.method must be one of {BUCKETING_METHODS}"),
+        (config.keep.order in ("max", "min"), "keep.order must be max or min"),
+        (config.input.binary_dtype in ("float16", "float32"), "input.binary_dtype must be float16 or float32"),
+        (0.0 < config.search.threshold <= 1.0, "search.threshold must be in (0, 1]"),
+        (config.input.chunk_rows >= 1, "input.chunk_rows must be >= 1"),
+        (config.input.dim is None or config.input.dim >= 1, "input.dim must be >= 1"),
+        (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),
+        (config.bucketing.m >= 1, "bucketing.m must be >= 1"),
+        (config.bucketing.points_per_centroid >= 1, "bucketing.points_per_centroid must be >= 1"),
+        (config.bucketing.max_train_rows >= 1, "bucketing.max_train_rows must be >= 1"),
+        (config.bucketing.kmeans_iterations >= 1, "bucketing.kmeans_iterations must be >= 1"),
+        (config.search.max_task_rows is None or config.search.max_task_rows >= 2, "search.max_task_rows must be >= 2"),
+        (config.search.query_block_rows >= 1, "search.query_block_rows must be >= 1"),
+        (config.group.max_rounds >= 1, "group.max_rounds must be >= 1"),
+        (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with a YAML value: ``bucketing.m=3``, ``keep.expression=width*height``."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {text!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Defaults, then an optional YAML file, then dotted overrides."""
+    config = JobConfig()
+    if config_file is not None:
+        text = Path(config_file).read_text()
+        tree = yaml.safe_load(text) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{config_file}: expected a mapping of sections")
+        base = config.to_dict()
+        for section, values in tree.items():
+            if section in base and isinstance(values, dict) and isinstance(base[section], dict):
+                base[section].update(values)
+            else:
+                base[section] = values
+        config = from_dict(base)
+    if overrides:
+        config = config.replace(overrides)
+    return config

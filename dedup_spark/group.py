@@ -1,0 +1,135 @@
+"""Group stage: connected components over the edges, the keep policy, and the
+similarity of every group member to its kept row, all in Spark DataFrames.
+
+Components use the large-star / small-star alternation of Kiveris et al.,
+"Connected Components in MapReduce and Beyond" (SoCC 2014): O(log^2 n) rounds
+in the worst case, a few in practice. Both operations aggregate with min and
+join, so no task ever holds a node's whole neighbour list, and a giant
+component is spread over many tasks. Lineage is cut by a local checkpoint
+every ``group.checkpoint_every`` rounds. The result maps every node to the
+smallest row_id of its component, which is the group_id.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from dedup_spark.config import JobConfig
+from dedup_spark.tables import binary_matrix
+
+log = logging.getLogger(__name__)
+
+
+class ConvergenceError(RuntimeError):
+    """Connected components did not converge within group.max_rounds."""
+
+
+def _large_star(edges: DataFrame) -> DataFrame:
+    """Each node links its larger neighbours to the smallest node of its neighbourhood."""
+    both = edges.select(F.col("x").alias("u"), F.col("y").alias("v")).unionByName(
+        edges.select(F.col("y").alias("u"), F.col("x").alias("v")))
+    smallest = both.groupBy("u").agg(F.least(F.min("v"), F.col("u")).alias("m"))
+    return (both.where(F.col("v") > F.col("u")).join(smallest, "u")
+            .select(F.col("v").alias("x"), F.col("m").alias("y")).distinct())
+
+
+def _small_star(edges: DataFrame) -> DataFrame:
+    """Each node links itself and its smaller neighbours to the smallest of them."""
+    oriented = edges.select(F.greatest("x", "y").alias("hi"), F.least("x", "y").alias("lo")).distinct()
+    smallest = oriented.groupBy("hi").agg(F.min("lo").alias("m"))
+    linked = oriented.join(smallest, "hi").select(F.col("lo").alias("x"), F.col("m").alias("y"))
+    return (linked.unionByName(smallest.select(F.col("hi").alias("x"), F.col("m").alias("y")))
+            .where(F.col("x") != F.col("y")).distinct())
+
+
+def _is_star_forest(edges: DataFrame) -> bool:
+    """Every edge points to a smaller root, and every node has one parent: components are stars."""
+    parents = edges.groupBy("x").agg(F.count("*").alias("parents"))
+    if parents.where(F.col("parents") > 1).limit(1).count():
+        return False
+    roots = edges.select(F.col("y").alias("x")).distinct()
+    return roots.join(edges.select("x"), "x").limit(1).count() == 0
+
+
+def connected_components(edges: DataFrame, config: JobConfig) -> tuple[DataFrame, dict]:
+    """``row_id, group_id`` for every node with an edge; group_id is the component's smallest row_id.
+
+    ``edges`` has columns row_id_a, row_id_b. Returns the membership and stats
+    (rounds, seconds). Raises ConvergenceError past group.max_rounds.
+    """
+    started = time.perf_counter()
+    current = (edges.select(F.greatest("row_id_a", "row_id_b").alias("x"), F.least("row_id_a", "row_id_b").alias("y"))
+               .where(F.col("x") != F.col("y")).distinct()).localCheckpoint()
+    rounds = 0
+    while True:
+        if _is_star_forest(current):
+            break
+        if rounds >= config.group.max_rounds:
+            raise ConvergenceError(f"connected components did not converge in {rounds} rounds (group.max_rounds)")
+        current = _small_star(_large_star(current))
+        rounds += 1
+        if rounds % config.group.checkpoint_every == 0:
+            current = current.localCheckpoint()
+        log.info("group: round %d done", rounds)
+    members = current.select(F.col("x").alias("row_id"), F.col("y").alias("group_id")).unionByName(
+        current.select(F.col("y").alias("row_id"), F.col("y").alias("group_id")).distinct())
+    return members, {"rounds": rounds, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def choose_kept(members: DataFrame, metadata: DataFrame | None, config: JobConfig) -> DataFrame:
+    """``group_id, kept_row_id``: the smallest row_id, or the best row by keep.expression."""
+    if config.keep.expression is None:
+        return members.select("group_id", F.col("group_id").alias("kept_row_id")).distinct()
+    if metadata is None:
+        raise ValueError("keep.expression needs input columns, but npy input has none")
+    scored = members.join(metadata.select("row_id", F.expr(config.keep.expression).alias("score")), "row_id", "left")
+    if config.keep.order == "max":
+        # Rows without a score lose; ties go to the smallest row_id.
+        rank = F.struct(F.col("score").isNotNull(), F.col("score"), -F.col("row_id"))
+        return scored.groupBy("group_id").agg(F.max_by("row_id", rank).alias("kept_row_id"))
+    rank = F.struct(F.col("score").isNull(), F.col("score"), F.col("row_id"))
+    return scored.groupBy("group_id").agg(F.min_by("row_id", rank).alias("kept_row_id"))
+
+
+DUPLICATES_SCHEMA = T.StructType([
+    T.StructField("row_id", T.LongType(), False),
+    T.StructField("group_id", T.LongType(), False),
+    T.StructField("group_size", T.LongType(), False),
+    T.StructField("is_kept", T.BooleanType(), False),
+    T.StructField("similarity_to_kept", T.FloatType(), False),
+])
+
+
+def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: int) -> DataFrame:
+    """Every member of every group with its group size, keep flag and similarity to the kept row."""
+    sizes = members.groupBy("group_id").agg(F.count("*").alias("group_size"))
+    embeddings = rows.select("row_id", "embedding")
+    joined = (members.join(sizes, "group_id").join(kept, "group_id")
+              .join(embeddings, "row_id")
+              .join(embeddings.select(F.col("row_id").alias("kept_row_id"), F.col("embedding").alias("kept_embedding")),
+                    "kept_row_id"))
+
+    def similarity(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            own = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
+            best = binary_matrix(batch.column("kept_embedding"), dim).astype(np.float32)
+            row_id = batch.column("row_id")
+            kept_id = batch.column("kept_row_id")
+            is_kept = pc.equal(row_id, kept_id)
+            sim = np.einsum("ij,ij->i", own, best)
+            sim[is_kept.to_numpy(zero_copy_only=False)] = 1.0
+            yield pa.RecordBatch.from_arrays(
+                [row_id, batch.column("group_id"), batch.column("group_size"), is_kept, pa.array(sim, pa.float32())],
+                names=DUPLICATES_SCHEMA.names)
+
+    columns = joined.select("row_id", "group_id", "group_size", "kept_row_id", "embedding", "kept_embedding")
+    return columns.mapInArrow(similarity, DUPLICATES_SCHEMA)

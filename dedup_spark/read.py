@@ -1,0 +1,410 @@
+"""Read stage: shard manifest on the driver, embedding rows decoded in tasks.
+
+The manifest is built from file headers (npy) and footers (parquet) only. Rows
+come out as ``row_id, shard_id, shard_row, embedding, reject_reason``: the
+embedding is the L2-normalised float16 vector as bytes, or null when the row is
+rejected (NaN/inf, zero norm, wrong dimension, null embedding, null id) with
+the reason saying why. ``row_id`` is the id column when one is named, else the
+global row index in sorted shard order.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import types as T
+
+from dedup_spark import kernels, storage
+from dedup_spark.config import JobConfig
+
+log = logging.getLogger(__name__)
+
+ROWS_SCHEMA = T.StructType([
+    T.StructField("row_id", T.LongType(), True),
+    T.StructField("shard_id", T.IntegerType(), False),
+    T.StructField("shard_row", T.LongType(), False),
+    T.StructField("embedding", T.BinaryType(), True),
+    T.StructField("reject_reason", T.StringType(), True),
+])
+_CHUNK_SCHEMA = "shard_id int, start long, stop long"
+
+
+class InputError(ValueError):
+    """The input cannot be read as the requested format; the message says why."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: int
+    kind: str                      # npy | parquet
+    embedding_uri: str
+    metadata_uri: str | None       # parquet holding the other columns (laion metadata, or the parquet itself)
+    relative: list[str]            # paths under the input root, mirrored under dedup/
+    rows: int
+    row_offset: int
+    dim: int | None
+    dtype: str
+    data_offset: int = 0           # npy: bytes before the data
+    row_groups: list[int] = field(default_factory=list)  # parquet: rows per row group
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    input_uri: str
+    format: str
+    dim: int
+    shards: list[Shard]
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s in self.shards)
+
+    def to_dict(self) -> dict:
+        return {"input_uri": self.input_uri, "format": self.format, "dim": self.dim, "rows": self.rows,
+                "shards": [s.to_dict() for s in self.shards]}
+
+    @staticmethod
+    def from_dict(payload: dict) -> Manifest:
+        return Manifest(payload["input_uri"], payload["format"], payload["dim"],
+                        [Shard(**s) for s in payload["shards"]])
+
+
+def _natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
+
+
+def _relative(uri: str, root: str) -> str:
+    return uri[len(root.rstrip("/")) + 1:]
+
+
+def _visible(relative: str) -> bool:
+    return not any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def detect_format(input_uri: str, files: list[str]) -> str:
+    relatives = [_relative(f, input_uri) for f in files]
+    if any(r.startswith("img_emb/") and r.endswith(".npy") for r in relatives):
+        return "laion"
+    if any(r.endswith(".parquet") for r in relatives):
+        return "parquet"
+    if any(r.endswith(".npy") for r in relatives):
+        return "npy"
+    raise InputError(f"no .npy or .parquet files under {input_uri}")
+
+
+def _npy_header(uri: str) -> tuple[int, int, str, int]:
+    """rows, dim, dtype, data offset of a .npy file, from its header only."""
+    with storage.open_input(uri) as handle:
+        try:
+            version = np.lib.format.read_magic(handle)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(handle)
+        except ValueError as error:
+            raise InputError(f"{uri}: not a readable .npy file ({error})") from None
+        offset = handle.tell()
+    if fortran:
+        raise InputError(f"{uri}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray")
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
+        raise InputError(f"{uri}: embeddings must be float16/32/64, found {dtype}")
+    if len(shape) != 2:
+        raise InputError(f"{uri}: expected a 2-D array (rows x dim), found shape {shape}")
+    return int(shape[0]), int(shape[1]), dtype.newbyteorder("<").str if dtype.byteorder == ">" else dtype.str, offset
+
+
+def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -> tuple[int, list[int], int | None, str]:
+    """rows, row-group sizes, dim (None when unknown) and value dtype of a parquet file."""
+    with storage.open_input(uri) as handle:
+        parquet = pq.ParquetFile(handle)
+        metadata = parquet.metadata
+        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+        if embedding_column is None:
+            return metadata.num_rows, groups, None, ""
+        schema = parquet.schema_arrow
+        if embedding_column not in schema.names:
+            raise InputError(f"{uri}: no embedding column {embedding_column!r}; columns are {schema.names}")
+        column_type = schema.field(embedding_column).type
+        if pa.types.is_fixed_size_list(column_type):
+            return metadata.num_rows, groups, column_type.list_size, str(column_type.value_type.to_pandas_dtype()().dtype)
+        if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
+            value_type = column_type.value_type
+            if not pa.types.is_floating(value_type):
+                raise InputError(f"{uri}: {embedding_column} must hold floats, found {column_type}")
+            dim = None
+            if metadata.num_rows:
+                # The footer does not record list lengths: look at the first rows only.
+                first = parquet.read_row_group(0, columns=[embedding_column]).column(0).slice(0, 64)
+                lengths = [len(v) for v in first.to_pylist() if v is not None]
+                dim = Counter(lengths).most_common(1)[0][0] if lengths else None
+            return metadata.num_rows, groups, dim, np.dtype(value_type.to_pandas_dtype()).name
+        if pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type):
+            dim = None
+            if metadata.num_rows:
+                first = parquet.read_row_group(0, columns=[embedding_column]).column(0).slice(0, 64)
+                lengths = [len(v) for v in first.to_pylist() if v is not None]
+                itemsize = np.dtype(binary_dtype).itemsize
+                dim = Counter(lengths).most_common(1)[0][0] // itemsize if lengths else None
+            return metadata.num_rows, groups, dim, binary_dtype
+        raise InputError(f"{uri}: {embedding_column} has unsupported type {column_type}")
+
+
+def build_manifest(config: JobConfig) -> Manifest:
+    """Shards, rows, offsets and dims from headers and footers only."""
+    root = config.input.uri.rstrip("/")
+    files = [f for f in storage.list_files(root) if _visible(_relative(f, root))]
+    if not files:
+        raise InputError(f"input {root} does not exist or holds no files")
+    fmt = config.input.format if config.input.format != "auto" else detect_format(root, files)
+    shards: list[Shard] = []
+    offset = 0
+    if fmt == "laion":
+        embeddings = sorted((f for f in files if re.search(r"(^|/)img_emb/img_emb_[^/]*\.npy$", f)), key=_natural_key)
+        if not embeddings:
+            raise InputError(f"{root}: laion format needs img_emb/img_emb_N.npy files")
+        present = set(files)
+        for shard_id, uri in enumerate(embeddings):
+            suffix = re.search(r"img_emb_([^/]*)\.npy$", uri).group(1)
+            meta_uri = storage.join(root, "metadata", f"metadata_{suffix}.parquet")
+            if meta_uri not in present:
+                raise InputError(f"{uri}: no matching metadata file metadata/metadata_{suffix}.parquet")
+            rows, dim, dtype, data_offset = _npy_header(uri)
+            meta_rows, groups, _, _ = _parquet_footer(meta_uri, None, config.input.binary_dtype)
+            if meta_rows != rows:
+                raise InputError(f"{uri} has {rows} rows but its metadata {meta_uri} has {meta_rows}")
+            shards.append(Shard(shard_id, "npy", uri, meta_uri, [_relative(uri, root), _relative(meta_uri, root)],
+                                rows, offset, dim, dtype, data_offset, groups))
+            offset += rows
+    elif fmt == "npy":
+        for shard_id, uri in enumerate(sorted((f for f in files if f.endswith(".npy")), key=_natural_key)):
+            rows, dim, dtype, data_offset = _npy_header(uri)
+            shards.append(Shard(shard_id, "npy", uri, None, [_relative(uri, root)], rows, offset, dim, dtype, data_offset))
+            offset += rows
+    elif fmt == "parquet":
+        for shard_id, uri in enumerate(sorted((f for f in files if f.endswith(".parquet")), key=_natural_key)):
+            rows, groups, dim, dtype = _parquet_footer(uri, config.input.embedding_column, config.input.binary_dtype)
+            shards.append(Shard(shard_id, "parquet", uri, uri, [_relative(uri, root)], rows, offset, dim, dtype, 0, groups))
+            offset += rows
+    else:
+        raise InputError(f"unknown input format {fmt}")
+    if not shards:
+        raise InputError(f"{root}: no {fmt} shards found")
+    if fmt != "parquet" and config.input.id_column:
+        raise InputError("input.id_column needs parquet input (laion and npy rows are identified by position)")
+    dims = Counter()
+    for shard in shards:
+        if shard.dim is not None:
+            dims[shard.dim] += shard.rows
+    dim = config.input.dim or (dims.most_common(1)[0][0] if dims else None)
+    if dim is None:
+        raise InputError(f"{root}: cannot tell the embedding dimension (no rows?); set input.dim")
+    return Manifest(root, fmt, dim, shards)
+
+
+def read_chunks(manifest: Manifest, chunk_rows: int) -> list[tuple[int, int, int]]:
+    """(shard_id, start, stop) row ranges; parquet ranges follow row-group boundaries."""
+    chunks = []
+    for shard in manifest.shards:
+        if shard.kind == "npy":
+            chunks += [(shard.shard_id, s, min(s + chunk_rows, shard.rows)) for s in range(0, shard.rows, chunk_rows)]
+            continue
+        start = stop = 0
+        for size in shard.row_groups:
+            stop += size
+            if stop - start >= chunk_rows:
+                chunks.append((shard.shard_id, start, stop))
+                start = stop
+        if stop > start:
+            chunks.append((shard.shard_id, start, stop))
+    return chunks
+
+
+def _list_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Matrix (rows x dim, float) and per-row reason for a list/fixed-size/binary column."""
+    n = len(column)
+    reasons = np.full(n, None, dtype=object)
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    reasons[null] = kernels.REJECT_NULL_EMBEDDING
+    if pa.types.is_fixed_size_list(column.type):
+        size = column.type.list_size
+        values = column.values.slice(column.offset * size, n * size)
+        flat = values.to_numpy(zero_copy_only=False)
+        if size != dim:
+            reasons[~null] = kernels.REJECT_WRONG_DIM
+            return np.zeros((n, dim), np.float32), reasons
+        return flat.reshape(n, dim), reasons
+    offsets = column.offsets.to_numpy()
+    lengths = np.diff(offsets)
+    wrong = ~null & (lengths != dim)
+    reasons[wrong] = kernels.REJECT_WRONG_DIM
+    good = ~null & ~wrong
+    flat = column.values.to_numpy(zero_copy_only=False)
+    matrix = np.zeros((n, dim), dtype=flat.dtype)
+    if good.any():
+        index = offsets[:-1][good][:, None] + np.arange(dim)
+        matrix[good] = flat[index]
+    return matrix, reasons
+
+
+def _binary_values(column: pa.Array, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    n = len(column)
+    reasons = np.full(n, None, dtype=object)
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    reasons[null] = kernels.REJECT_NULL_EMBEDDING
+    width = dim * np.dtype(dtype).itemsize
+    lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
+    wrong = ~null & (np.nan_to_num(lengths, nan=-1) != width)
+    reasons[wrong] = kernels.REJECT_WRONG_DIM
+    matrix = np.zeros((n, dim), dtype=dtype)
+    for row in np.flatnonzero(~null & ~wrong):
+        matrix[row] = np.frombuffer(column[row].as_py(), dtype=dtype)
+    return matrix, reasons
+
+
+def _ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ids and a null mask from an integer or digit-string column."""
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        try:
+            column = pc.cast(column, pa.int64())
+        except pa.ArrowInvalid as error:
+            raise InputError(f"id column holds values that are not integers ({error})") from None
+    elif not pa.types.is_integer(column.type):
+        raise InputError(f"id column must be integers or digit strings, found {column.type}")
+    null = column.is_null().to_numpy(zero_copy_only=False)
+    return pc.fill_null(pc.cast(column, pa.int64()), 0).to_numpy(), null
+
+
+def _rows_batch(shard: Shard, start: int, matrix: np.ndarray, reasons: np.ndarray,
+                ids: np.ndarray | None, null_ids: np.ndarray | None) -> pa.RecordBatch:
+    n = len(reasons)
+    if ids is None:
+        ids = np.arange(shard.row_offset + start, shard.row_offset + start + n, dtype=np.int64)
+    normalized, norm_reasons = kernels.normalize_rows(matrix)
+    reasons = np.where(reasons == None, norm_reasons, reasons)  # noqa: E711 (elementwise)
+    if null_ids is not None:
+        reasons = np.where(null_ids & (reasons == None), kernels.REJECT_NULL_ID, reasons)  # noqa: E711
+    good = reasons == None  # noqa: E711
+    width = normalized.shape[1] * 2
+    embedding = pa.Array.from_buffers(
+        pa.binary(), n,
+        [pa.array(good).buffers()[1], pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),
+         pa.py_buffer(np.ascontiguousarray(normalized))],
+    )
+    row_ids = pa.array(ids, mask=null_ids) if null_ids is not None else pa.array(ids)
+    return pa.RecordBatch.from_arrays(
+        [row_ids, pa.array(np.full(n, shard.shard_id, np.int32)), pa.array(np.arange(start, start + n, dtype=np.int64)),
+         embedding, pa.array(reasons.tolist(), type=pa.string())],
+        names=ROWS_SCHEMA.names,
+    )
+
+
+def read_chunk(manifest: Manifest, config: JobConfig, shard_id: int, start: int, stop: int) -> Iterator[pa.RecordBatch]:
+    """Decode one chunk of one shard into rows batches (runs in a Spark task)."""
+    shard = manifest.shards[shard_id]
+    dim = manifest.dim
+    if shard.kind == "npy":
+        count = stop - start
+        reasons = np.full(count, None, dtype=object)
+        if shard.dim != dim:
+            reasons[:] = kernels.REJECT_WRONG_DIM
+            yield _rows_batch(shard, start, np.zeros((count, dim), np.float32), reasons, None, None)
+            return
+        itemsize = np.dtype(shard.dtype).itemsize
+        step = max(1, (64 << 20) // (dim * itemsize))  # decode at most ~64 MB at a time
+        with storage.open_input(shard.embedding_uri) as handle:
+            for block in range(start, stop, step):
+                block_stop = min(block + step, stop)
+                raw = handle.read_at((block_stop - block) * dim * itemsize, shard.data_offset + block * dim * itemsize)
+                matrix = np.frombuffer(raw, dtype=shard.dtype).reshape(block_stop - block, dim)
+                yield _rows_batch(shard, block, matrix, np.full(block_stop - block, None, dtype=object), None, None)
+        return
+    id_column = config.input.id_column
+    columns = [config.input.embedding_column] + ([id_column] if id_column else [])
+    bounds = np.cumsum([0] + shard.row_groups)
+    groups = [g for g in range(len(shard.row_groups)) if bounds[g] >= start and bounds[g + 1] <= stop]
+    with storage.open_input(shard.embedding_uri) as handle:
+        parquet = pq.ParquetFile(handle)
+        missing = [c for c in columns if c not in parquet.schema_arrow.names]
+        if missing:
+            raise InputError(f"{shard.embedding_uri}: missing column(s) {missing}")
+        for group in groups:
+            table = parquet.read_row_group(group, columns=columns)
+            column = table.column(config.input.embedding_column).combine_chunks()
+            if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
+                matrix, reasons = _binary_values(column, dim, config.input.binary_dtype)
+            else:
+                matrix, reasons = _list_matrix(column, dim)
+            ids, null_ids = _ids(table.column(id_column).combine_chunks()) if id_column else (None, None)
+            yield _rows_batch(shard, int(bounds[group]), matrix, reasons, ids, null_ids)
+
+
+def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> DataFrame:
+    """The rows DataFrame (ROWS_SCHEMA), decoded by Spark tasks, one task per chunk."""
+    chunks = read_chunks(manifest, config.input.chunk_rows)
+    manifest_payload = manifest.to_dict()
+
+    def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        local_manifest = Manifest.from_dict(manifest_payload)
+        for batch in batches:
+            for shard_id, start, stop in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                yield from read_chunk(local_manifest, config, shard_id, start, stop)
+
+    tasks = spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks)))
+    return tasks.mapInArrow(decode, ROWS_SCHEMA)
+
+
+def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:
+    """Arrow schema of the non-embedding columns, or None when there are none (npy)."""
+    uri = manifest.shards[0].metadata_uri
+    if uri is None:
+        return None
+    with storage.open_input(uri) as handle:
+        schema = pq.ParquetFile(handle).schema_arrow
+    drop = {config.input.embedding_column} if manifest.format == "parquet" else set()
+    return pa.schema([f for f in schema if f.name not in drop])
+
+
+def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig) -> DataFrame | None:
+    """``row_id`` plus every non-embedding input column, read in tasks; None for npy input."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    schema = metadata_schema(manifest, config)
+    if schema is None:
+        return None
+    keep_names = [f.name for f in schema]
+    spark_schema = T.StructType([T.StructField("row_id", T.LongType(), True),
+                                 *[f for f in from_arrow_schema(schema) if f.name != "row_id"]])
+    output_names = spark_schema.names
+    manifest_payload = manifest.to_dict()
+    id_column = config.input.id_column
+
+    def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        local = Manifest.from_dict(manifest_payload)
+        for batch in batches:
+            for shard_id in batch.column(0).to_pylist():
+                shard = local.shards[shard_id]
+                with storage.open_input(shard.metadata_uri) as handle:
+                    position = shard.row_offset
+                    for chunk in pq.ParquetFile(handle).iter_batches(batch_size=16384, columns=keep_names):
+                        if id_column:
+                            ids, null_ids = _ids(chunk.column(id_column))
+                            row_ids = pa.array(ids, mask=null_ids)
+                        else:
+                            row_ids = pa.array(np.arange(position, position + chunk.num_rows, dtype=np.int64))
+                        position += chunk.num_rows
+                        arrays = [row_ids] + [chunk.column(n) for n in output_names[1:]]
+                        yield pa.RecordBatch.from_arrays(arrays, names=output_names)
+
+    shard_ids = [(s.shard_id,) for s in manifest.shards]
+    tasks = spark.createDataFrame(shard_ids, "shard_id int").repartition(max(1, len(shard_ids)))
+    return tasks.mapInArrow(decode, spark_schema)

@@ -1,0 +1,155 @@
+"""Spark plumbing shared by every stage: tables stored through pyarrow.fs, and
+per-key streaming over sorted partitions.
+
+A *table* is a directory of parquet parts plus ``_table.json`` listing exactly
+the committed parts, their row counts and the Spark schema. Parts are written
+by the Spark tasks themselves (never through the driver) with the task attempt
+in their name; only the parts reported by successful attempts are listed, so
+files left by failed or speculative attempts are never read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from dedup_spark import storage
+
+log = logging.getLogger(__name__)
+
+TABLE_MANIFEST = "_table.json"
+_PART_SCHEMA = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType())])
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    uri: str
+    rows: int
+    parts: list[str]
+    schema: T.StructType
+
+
+def write_table(df: DataFrame, uri: str) -> TableInfo:
+    """Write a DataFrame as parquet parts from its tasks; return what was committed."""
+    storage.delete_tree(uri)
+    arrow_schema = _arrow_schema(df.schema)
+    run_tag = uuid.uuid4().hex[:8]
+
+    def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        name = f"part-{context.partitionId():05d}-{run_tag}-{context.attemptNumber()}.parquet"
+        part_uri = storage.join(uri, name)
+        rows = 0
+        with storage.open_output(part_uri) as stream, pq.ParquetWriter(stream, arrow_schema) as writer:
+            for batch in batches:
+                if batch.num_rows:
+                    writer.write_batch(batch.cast(arrow_schema) if batch.schema != arrow_schema else batch)
+                    rows += batch.num_rows
+        yield pa.RecordBatch.from_pydict({"path": [name], "rows": [rows]})
+
+    written = df.mapInArrow(write_partition, _PART_SCHEMA).collect()
+    parts = sorted(row["path"] for row in written)
+    rows = sum(row["rows"] for row in written)
+    storage.write_json(storage.join(uri, TABLE_MANIFEST), {"rows": rows, "parts": parts, "schema": df.schema.json()})
+    return TableInfo(uri, rows, parts, df.schema)
+
+
+def table_info(uri: str) -> TableInfo:
+    manifest = storage.read_json(storage.join(uri, TABLE_MANIFEST))
+    schema = T.StructType.fromJson(json.loads(manifest["schema"]))
+    return TableInfo(uri, manifest["rows"], manifest["parts"], schema)
+
+
+def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None) -> DataFrame:
+    """A DataFrame over a committed table, one Spark partition per part."""
+    info = table_info(uri)
+    schema = info.schema if columns is None else T.StructType([info.schema[c] for c in columns])
+    arrow_schema = _arrow_schema(schema)
+    base = uri
+    wanted = columns
+
+    def read_parts(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for name in batch.column("path").to_pylist():
+                with storage.open_input(storage.join(base, name)) as handle:
+                    parquet = pq.ParquetFile(handle)
+                    for chunk in parquet.iter_batches(batch_size=8192, columns=wanted):
+                        yield chunk.cast(arrow_schema) if chunk.schema != arrow_schema else chunk
+
+    if not info.parts:
+        return spark.createDataFrame([], schema)
+    paths = spark.createDataFrame([(p,) for p in info.parts], "path string").repartition(len(info.parts))
+    return paths.mapInArrow(read_parts, schema)
+
+
+def _arrow_schema(schema: T.StructType) -> pa.Schema:
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    return to_arrow_schema(schema)
+
+
+def binary_matrix(column: pa.Array | pa.ChunkedArray, dim: int, dtype: str = "float16") -> np.ndarray:
+    """A rows x dim matrix over a binary column of packed fixed-width vectors (no nulls)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if len(column) == 0:
+        return np.zeros((0, dim), dtype=dtype)
+    offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    _, offsets_buffer, data_buffer = column.buffers()
+    offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[column.offset: column.offset + len(column) + 1]
+    raw = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0]: offsets[-1]]
+    return raw.view(dtype).reshape(len(column), dim)
+
+
+def stream_groups(
+    df: DataFrame,
+    key: str,
+    order: list[str],
+    partitions: int,
+    handle_group: Callable[[object, pa.Table], Iterator[pa.RecordBatch]],
+    schema: T.StructType,
+) -> DataFrame:
+    """Call ``handle_group(key, rows)`` once per key, streaming its output.
+
+    Rows are hash-partitioned by ``key`` and sorted by (key, *order) inside each
+    partition; the Python side gathers one key's rows at a time, so a task holds
+    one group in memory, never a whole partition.
+    """
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        pending: list[pa.RecordBatch] = []
+        current = None
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            keys = batch.column(key)
+            start = 0
+            # Split the batch at key changes (sorted input: changes are boundaries).
+            values = keys.to_numpy(zero_copy_only=False)
+            cuts = np.flatnonzero(values[1:] != values[:-1]) + 1
+            for cut in list(cuts) + [batch.num_rows]:
+                piece = batch.slice(start, cut - start)
+                piece_key = values[start]
+                if current is not None and piece_key != current:
+                    yield from handle_group(current, pa.Table.from_batches(pending))
+                    pending = []
+                current = piece_key
+                pending.append(piece)
+                start = cut
+        if pending:
+            yield from handle_group(current, pa.Table.from_batches(pending))
+
+    arranged = df.repartition(partitions, F.col(key)).sortWithinPartitions(key, *order)
+    return arranged.mapInArrow(run, schema)

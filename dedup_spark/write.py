@@ -1,0 +1,86 @@
+"""Write stage: the deduplicated shards, one output shard per input shard.
+
+Each task rewrites one input shard, streaming it in bounded chunks and leaving
+out the rows listed for removal (duplicates that are not kept, and rejected
+rows). Shard names, columns, dtypes and row order are preserved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from dedup_spark import storage
+from dedup_spark.read import Manifest, Shard
+from dedup_spark.tables import stream_groups
+
+SHARD_SUMMARY_SCHEMA = T.StructType([
+    T.StructField("shard_id", T.IntegerType(), False),
+    T.StructField("rows_in", T.LongType(), False),
+    T.StructField("rows_written", T.LongType(), False),
+])
+_COPY_ROWS = 65536
+
+
+def _write_npy(shard: Shard, keep: np.ndarray, target: str) -> None:
+    dtype = np.dtype(shard.dtype)
+    width = shard.dim * dtype.itemsize
+    with storage.open_input(shard.embedding_uri) as source, storage.open_output(target) as sink:
+        np.lib.format.write_array_header_1_0(
+            sink, {"descr": dtype.str, "fortran_order": False, "shape": (int(keep.sum()), shard.dim)})
+        for start in range(0, shard.rows, _COPY_ROWS):
+            stop = min(start + _COPY_ROWS, shard.rows)
+            raw = source.read_at((stop - start) * width, shard.data_offset + start * width)
+            block = np.frombuffer(raw, dtype=dtype).reshape(stop - start, shard.dim)
+            sink.write(np.ascontiguousarray(block[keep[start:stop]]).tobytes())
+
+
+def _write_parquet(source_uri: str, keep: np.ndarray, target: str) -> None:
+    with storage.open_input(source_uri) as source, storage.open_output(target) as sink:
+        parquet = pq.ParquetFile(source)
+        with pq.ParquetWriter(sink, parquet.schema_arrow) as writer:
+            start = 0
+            for group in range(parquet.num_row_groups):
+                table = parquet.read_row_group(group)
+                stop = start + table.num_rows
+                writer.write_table(table.filter(pa.array(keep[start:stop])))
+                start = stop
+
+
+def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str) -> int:
+    """Write the shard without ``drop_rows`` (positions) under ``dedup_uri``; rows written."""
+    keep = np.ones(shard.rows, dtype=bool)
+    keep[drop_rows] = False
+    if shard.kind == "npy":
+        _write_npy(shard, keep, storage.join(dedup_uri, shard.relative[0]))
+        if shard.metadata_uri is not None:
+            _write_parquet(shard.metadata_uri, keep, storage.join(dedup_uri, shard.relative[1]))
+    else:
+        _write_parquet(shard.embedding_uri, keep, storage.join(dedup_uri, shard.relative[0]))
+    return int(keep.sum())
+
+
+def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup_uri: str) -> list[dict]:
+    """Rewrite every shard without the rows in ``drops`` (shard_id, shard_row); per-shard summaries."""
+    payload = manifest.to_dict()
+    # One sentinel row per shard so shards with nothing to drop are written too.
+    sentinels = spark.createDataFrame([(s.shard_id, -1) for s in manifest.shards], "shard_id int, shard_row long")
+    positions = drops.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long")).unionByName(sentinels)
+
+    def handle(shard_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
+        shard = Manifest.from_dict(payload).shards[int(shard_id)]
+        drop_rows = rows.column("shard_row").to_numpy()
+        written = rewrite_shard(shard, drop_rows[drop_rows >= 0], dedup_uri)
+        yield pa.RecordBatch.from_pydict(
+            {"shard_id": [shard.shard_id], "rows_in": [shard.rows], "rows_written": [written]},
+            schema=pa.schema([("shard_id", pa.int32(), False), ("rows_in", pa.int64(), False),
+                              ("rows_written", pa.int64(), False)]))
+
+    summaries = stream_groups(positions, "shard_id", ["shard_row"], len(manifest.shards), handle, SHARD_SUMMARY_SCHEMA)
+    return [row.asDict() for row in summaries.collect()]

@@ -1,0 +1,67 @@
+"""spark-submit entry point: find and remove near-duplicate embeddings.
+
+    spark-submit jobs/dedup.py --input URI --output URI [--format laion|parquet|npy]
+        [--threshold 0.95] [--config conf/FILE.yaml] [--set key=value ...] [--overwrite]
+
+Also runs as plain ``python jobs/dedup.py ...`` in Spark local mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the library, when not installed
+
+from dedup_spark import config as config_module  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="dedup.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", help="input URI (input.uri)")
+    parser.add_argument("--output", help="output URI (output.uri)")
+    parser.add_argument("--format", choices=config_module.FORMATS, help="input.format")
+    parser.add_argument("--threshold", type=float, help="search.threshold")
+    parser.add_argument("--config", help="a YAML file of settings (see conf/default.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
+    parser.add_argument("--overwrite", action="store_true", help="replace a published output (output.overwrite)")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> config_module.JobConfig:
+    flags = {"input.uri": args.input, "output.uri": args.output, "input.format": args.format,
+             "search.threshold": args.threshold, "output.overwrite": True if args.overwrite else None}
+    overrides = {key: value for key, value in flags.items() if value is not None}
+    overrides.update(dict(config_module.parse_override(item) for item in args.set))
+    return config_module.load(args.config, overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args)
+    except (config_module.ConfigError, OSError) as error:
+        print(f"dedup.py: configuration error: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.run.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from dedup_spark.pipeline import OutputError, run
+    from dedup_spark.read import InputError
+
+    try:
+        result = run(config)
+    except (config_module.ConfigError, InputError, OutputError) as error:
+        print(f"dedup.py: {error}", file=sys.stderr)
+        return 2
+    counts = result["accounting"]
+    print(f"rows in: {counts['input_rows']:,}  duplicate groups: {result['groups']['count']:,}  "
+          f"rows removed: {counts['removed_rows']:,}  rejected: {counts['rejected_rows']:,}  "
+          f"seconds: {result['timings_seconds']['total']:.1f}")
+    print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, report.json)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
