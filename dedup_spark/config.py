@@ -66,7 +66,7 @@ class BucketingConfig:
 @dataclass(frozen=True)
 class GroupConfig:
     max_rounds: int = 60
-    checkpoint_every: int = 2
+    checkpoint_every: int = 1
 
 
 @dataclass(frozen=True)

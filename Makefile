@@ -1,0 +1,37 @@
+# dedup-spark: `make demo` and `make test` work in a fresh clone (they install first).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_ROWS ?= 100000
+DEMO_DIM ?= 512
+DEMO_DIR := data/demo
+BENCH_ROWS ?= 200000
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): setup.cfg pyproject.toml scripts/find_java.sh
+	@scripts/find_java.sh >/dev/null
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+# Generates a 100,000-row, 512-d CLIP-like sample (once) and runs the job on it in local mode.
+demo: install
+	@export JAVA_HOME=$$(scripts/find_java.sh) && \
+	if [ ! -f $(DEMO_DIR)/sample_ground_truth.json ]; then \
+	  $(PY) jobs/make_sample.py $(DEMO_DIR)/sample --rows $(DEMO_ROWS) --dim $(DEMO_DIM); fi && \
+	$(PY) jobs/dedup.py --input $(DEMO_DIR)/sample --output $(DEMO_DIR)/output --overwrite
+
+test: install
+	@export JAVA_HOME=$$(scripts/find_java.sh) && $(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) data build *.egg-info

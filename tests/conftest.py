@@ -1,0 +1,33 @@
+"""Shared fixtures: one real local SparkSession for the whole test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+if "JAVA_HOME" not in os.environ:
+    found = subprocess.run([str(REPO / "scripts" / "find_java.sh")], capture_output=True, text=True)
+    if found.returncode == 0:
+        os.environ["JAVA_HOME"] = found.stdout.strip()
+os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+
+
+@pytest.fixture(scope="session")
+def spark():
+    from pyspark.sql import SparkSession
+
+    session = (SparkSession.builder.master("local[2]").appName("dedup-spark-tests")
+               .config("spark.driver.memory", "3g")
+               .config("spark.sql.shuffle.partitions", "8")
+               .config("spark.ui.enabled", "false")
+               .config("spark.ui.showConsoleProgress", "false")
+               .getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    yield session
+    session.stop()

@@ -1,0 +1,69 @@
+"""Independent oracles: brute-force pair search and a plain union-find.
+
+Nothing here imports dedup_spark's kernels; the only shared definition is the
+data contract itself (rows are L2-normalised in float64 and stored as float16,
+and a pair is a duplicate when the float64 dot product of the stored values is
+>= the threshold).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def normalize(raw: np.ndarray) -> np.ndarray:
+    values = raw.astype(np.float32)
+    norms = np.sqrt((values.astype(np.float64) ** 2).sum(axis=1))
+    return (values / norms[:, None]).astype(np.float16)
+
+
+def brute_force_pairs(embeddings: np.ndarray, threshold: float, row_ids: np.ndarray | None = None) -> dict:
+    """{(row_id_a, row_id_b): similarity} for every pair with exact similarity >= threshold."""
+    stored = np.asarray(embeddings, dtype=np.float16)
+    as32 = stored.astype(np.float32)
+    as64 = stored.astype(np.float64)
+    ids = np.arange(len(stored)) if row_ids is None else np.asarray(row_ids)
+    pairs = {}
+    for start in range(0, len(stored), 2048):
+        scores = as32[start:start + 2048] @ as32.T
+        rows, cols = np.nonzero(scores >= threshold - 1e-3)
+        rows = rows + start
+        upper = cols > rows
+        rows, cols = rows[upper], cols[upper]
+        exact = np.einsum("ij,ij->i", as64[rows], as64[cols])
+        for i, j, s in zip(rows[exact >= threshold], cols[exact >= threshold], exact[exact >= threshold]):
+            a, b = sorted((int(ids[i]), int(ids[j])))
+            pairs[(a, b)] = float(s)
+    return pairs
+
+
+class UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        self.parent.setdefault(x, x)
+        root = x
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[x] != root:
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def groups_of(pairs) -> dict[int, int]:
+    """{row_id: smallest row_id of its component} for every row in some pair."""
+    forest = UnionFind()
+    for a, b in pairs:
+        forest.union(a, b)
+    members = {x for pair in pairs for x in pair}
+    roots = {x: forest.find(x) for x in members}
+    smallest: dict[int, int] = {}
+    for x, root in roots.items():
+        smallest[root] = min(smallest.get(root, x), x)
+    return {x: smallest[root] for x, root in roots.items()}

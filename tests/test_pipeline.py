@@ -1,0 +1,91 @@
+"""The end-to-end job in a real local SparkSession, checked against brute force and union-find."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from helpers import make_sample, output_groups, output_pairs, read_table, run_job, stored_embeddings
+from oracle import brute_force_pairs, groups_of
+
+THRESHOLD = 0.95
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """20,000 CLIP-like rows with planted groups, and the oracle's pairs on them."""
+    directory = tmp_path_factory.mktemp("medium")
+    sample, root = make_sample(directory, rows=20_000, dim=64, seed=1)
+    oracle = brute_force_pairs(stored_embeddings(sample), THRESHOLD)
+    return sample, root, oracle
+
+
+def test_exhaustive_settings_give_exactly_the_brute_force_pairs_and_groups(spark, medium, tmp_path):
+    sample, root, oracle = medium
+    out = tmp_path / "out"
+    report = run_job(spark, root, out, bucketing__k=1, output__pairs="all")
+    found = output_pairs(out)
+    assert set(found) == set(oracle)
+    assert max(abs(found[p] - oracle[p]) for p in oracle) < 1e-4
+    assert output_groups(out) == groups_of(oracle)
+    assert report["accounting"]["balanced"]
+
+
+def test_m_equal_k_is_exhaustive_too(spark, medium, tmp_path):
+    sample, root, oracle = medium
+    out = tmp_path / "out"
+    run_job(spark, root, out, bucketing__k=6, bucketing__m=6, output__pairs="all")
+    assert set(output_pairs(out)) == set(oracle)
+
+
+def test_default_settings_recall_and_precision(spark, medium, tmp_path):
+    sample, root, oracle = medium
+    out = tmp_path / "out"
+    report = run_job(spark, root, out, output__pairs="all")
+    found = set(output_pairs(out))
+    true = set(oracle)
+    assert found <= true, f"{len(found - true)} pairs are not duplicates by brute force"
+    recall = len(found & true) / len(true)
+    assert recall >= 0.99, recall
+    # Closure: rows of every true pair that ended in one group.
+    groups = output_groups(out)
+    closed = sum(1 for a, b in true if a in groups and groups.get(a) == groups.get(b))
+    assert closed / len(true) >= recall
+    assert report["bucketing"]["k"] > 1 and report["bucketing"]["m"] == 2
+
+
+def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_path):
+    sample, root, oracle = medium
+    out = tmp_path / "out"
+    report = run_job(spark, root, out, bucketing__k=1)
+    groups = groups_of(oracle)
+    removed = {row for row, group in groups.items() if row != group}
+    expected_kept = [i for i in range(len(sample.embeddings)) if i not in removed]
+    # Shard names and columns are preserved; rows keep their input order.
+    input_shards = sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+    output_shards = sorted(p.relative_to(out / "dedup") for p in (out / "dedup").rglob("*") if p.is_file())
+    assert input_shards == output_shards
+    keys, embeddings = [], []
+    for shard in sorted((out / "dedup" / "img_emb").glob("*.npy"), key=lambda p: int(p.stem.split("_")[-1])):
+        metadata = pq.read_table(out / "dedup" / "metadata" / shard.name.replace("img_emb", "metadata").replace(
+            ".npy", ".parquet"))
+        assert metadata.schema == pq.read_schema(root / "metadata" / "metadata_0.parquet")
+        keys += metadata.column("key").to_pylist()
+        embeddings.append(np.load(shard))
+    assert [int(k) for k in keys] == expected_kept
+    assert np.array_equal(np.concatenate(embeddings), sample.embeddings[expected_kept])
+    counts = report["accounting"]
+    assert counts["kept_rows"] == len(expected_kept) and counts["removed_rows"] == len(removed)
+    assert counts["input_rows"] == counts["kept_rows"] + counts["removed_rows"] + counts["rejected_rows"]
+    published = json.loads((out / "_SUCCESS").read_text())["files"]
+    assert "report.json" in published and all((out / f).exists() for f in published)
+    duplicates = read_table(out / "duplicates")
+    kept_flags = dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("is_kept").to_pylist()))
+    assert {row for row, flag in kept_flags.items() if not flag} == removed
+    sizes = dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("group_size").to_pylist()))
+    size_of = {}
+    for row, group in groups.items():
+        size_of[group] = size_of.get(group, 0) + 1
+    assert all(sizes[row] == size_of[groups[row]] for row in groups)
