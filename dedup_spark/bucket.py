@@ -78,8 +78,10 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
         return np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)), {"k": k, "train_rows": 0}
     target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
     fraction = min(1.0, 1.3 * target / max(1, valid_rows))
-    sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").limit(target).toArrow()
-    points = binary_matrix(sample.column("embedding"), dim).astype(np.float32)
+    # A Bernoulli sample of ~1.3x the target, trimmed here: a Spark limit() would cut
+    # the Python workers' pipes mid-stream.
+    sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").toArrow()
+    points = binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
     centroids = kernels.train_centroids(points, k, config.bucketing.kmeans_iterations, config.bucketing.seed)
     return centroids, {"k": int(centroids.shape[0]), "train_rows": int(points.shape[0])}
 

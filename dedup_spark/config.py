@@ -175,7 +175,8 @@ def from_dict(tree: dict[str, Any]) -> JobConfig:
         field_hints = typing.get_type_hints(section_type)
         bad = set(given) - set(field_hints)
         if bad:
-            raise ConfigError(f"unknown config key(s) {sorted(f'{section}.{b}' for b in bad)}; {section} has {sorted(field_hints)}")
+            names = sorted(f"{section}.{b}" for b in bad)
+            raise ConfigError(f"unknown config key(s) {names}; {section} has {sorted(field_hints)}")
         values = {name: _coerce(section, name, field_hints[name], given[name]) for name in given}
         sections[section] = section_type(**values)
     config = JobConfig(**sections)

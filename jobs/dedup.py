@@ -46,7 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dedup.py: configuration error: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.run.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    logging.getLogger("py4j").setLevel(logging.WARNING)
     from dedup_spark.pipeline import OutputError, run
     from dedup_spark.read import InputError
 

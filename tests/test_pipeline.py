@@ -85,7 +85,7 @@ def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_p
     kept_flags = dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("is_kept").to_pylist()))
     assert {row for row, flag in kept_flags.items() if not flag} == removed
     sizes = dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("group_size").to_pylist()))
-    size_of = {}
-    for row, group in groups.items():
+    size_of: dict[int, int] = {}
+    for group in groups.values():
         size_of[group] = size_of.get(group, 0) + 1
     assert all(sizes[row] == size_of[groups[row]] for row in groups)

@@ -1,0 +1,61 @@
+"""The configuration object: defaults documented in conf/default.yaml, overrides, validation."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dedup_spark import config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_equal_conf_default_yaml():
+    documented = yaml.safe_load((REPO / "conf" / "default.yaml").read_text())
+    assert documented == config.JobConfig().to_dict()
+
+
+def test_every_knob_has_a_comment_in_default_yaml():
+    lines = (REPO / "conf" / "default.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if line.startswith("  ") and not line.strip().startswith("#") and ":" in line:
+            assert lines[index - 1].strip().startswith("#"), f"undocumented knob: {line.strip()}"
+
+
+def test_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("bucketing:\n  m: 3\nsearch:\n  threshold: 0.9\n")
+    loaded = config.load(path, {"search.threshold": 0.97, "spark.conf.spark.sql.shuffle.partitions": 4})
+    assert loaded.bucketing.m == 3 and loaded.search.threshold == 0.97
+    assert loaded.spark.conf == {"spark.sql.shuffle.partitions": "4"}
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"bucketing.nope": 1}, "unknown config key"),
+    ({"nope.m": 1}, "unknown config key"),
+    ({"bucketing.m": 0}, "bucketing.m"),
+    ({"bucketing.m": "two"}, "must be an integer"),
+    ({"search.threshold": 1.5}, "threshold"),
+    ({"output.pairs": "some"}, "output.pairs"),
+    ({"input.format": "csv"}, "input.format"),
+])
+def test_bad_settings_are_clear_errors(overrides, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.load(None, overrides)
+
+
+def test_parse_override_reads_yaml_values():
+    assert config.parse_override("bucketing.k=128") == ("bucketing.k", 128)
+    assert config.parse_override("keep.expression=width * height") == ("keep.expression", "width * height")
+    assert config.parse_override("bucketing.k=null") == ("bucketing.k", None)
+
+
+def test_cli_reports_configuration_errors_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "dedup.py"), "--input", str(tmp_path),
+                             "--output", str(tmp_path / "o"), "--set", "bucketing.m=0"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "bucketing.m must be >= 1" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,126 @@
+"""Pure kernels, without Spark: normalisation, exact search, block splitting, spanning forests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from oracle import brute_force_pairs, groups_of, normalize
+
+from dedup_spark import kernels
+from dedup_spark.bucket import plan_search
+from dedup_spark.sample import SampleSpec, generate
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return generate(SampleSpec(rows=4000, dim=48, seed=2))
+
+
+def test_normalize_matches_contract_and_flags_bad_rows():
+    rng = np.random.default_rng(0)
+    raw = rng.standard_normal((6, 5)).astype(np.float32)
+    raw[1] = 0
+    raw[2, 0] = np.nan
+    raw[3, 1] = -np.inf
+    normalized, reasons = kernels.normalize_rows(raw)
+    assert list(reasons) == [None, "zero_norm", "not_finite", "not_finite", None, None]
+    good = [0, 4, 5]
+    assert np.array_equal(normalized[good], normalize(raw[good]))
+    assert not normalized[[1, 2, 3]].any()
+
+
+def _as_dict(blocks, ids_left, ids_right):
+    found = {}
+    for i, j, s in blocks:
+        for a, b, sim in zip(ids_left[i], ids_right[j], s):
+            found[(min(a, b), max(a, b))] = sim
+    return found
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.95, 0.99])
+def test_search_pairs_equals_brute_force(sample, threshold):
+    stored = normalize(sample.embeddings)
+    ids = np.arange(len(stored))
+    found = _as_dict(kernels.search_pairs(stored, None, threshold, block_rows=333), ids, ids)
+    oracle = brute_force_pairs(stored, threshold)
+    assert set(found) == set(oracle)
+    assert all(abs(found[p] - oracle[p]) < 1e-4 for p in oracle)
+
+
+def test_exactness_at_the_threshold_does_not_depend_on_blocking(sample):
+    stored = normalize(sample.embeddings)
+    # Put the threshold exactly on a real pair's float64 similarity: that pair must be kept.
+    oracle = brute_force_pairs(stored, 0.9)
+    edge = sorted(oracle.values())[len(oracle) // 2]
+    ids = np.arange(len(stored))
+    for block_rows in (1, 7, 4000):
+        found = _as_dict(kernels.search_pairs(stored, None, edge, block_rows), ids, ids)
+        assert set(found) == {p for p, s in oracle.items() if s >= edge}
+
+
+def test_block_splitting_gives_the_same_pairs_as_unsplit_search(sample):
+    stored = normalize(sample.embeddings)
+    ids = np.arange(len(stored))
+    whole = set(_as_dict(kernels.search_pairs(stored, None, 0.95), ids, ids))
+    blocks = np.array_split(np.random.default_rng(1).permutation(len(stored)), 5)
+    split = set()
+    for x in range(5):
+        for y in range(x, 5):
+            left, right = blocks[x], blocks[y]
+            if x == y:
+                split |= set(_as_dict(kernels.search_pairs(stored[left], None, 0.95), left, left))
+            else:
+                split |= set(_as_dict(kernels.search_pairs(stored[left], stored[right], 0.95), left, right))
+    assert split == whole
+
+
+def test_plan_search_covers_every_block_pair_within_the_cap():
+    plan = plan_search({0: 10, 1: 100, 2: 5}, cap=40)
+    by_bucket: dict[int, list] = {}
+    for bucket_id, block, task, side in plan.routes:
+        by_bucket.setdefault(bucket_id, []).append((block, task, side))
+    assert len({t for _, t, _ in by_bucket[0]}) == 1
+    blocks = dict(plan.blocks)[1]
+    assert blocks >= 6  # 100 rows in blocks of at most 0.45 * 40
+    tasks: dict[int, set] = {}
+    for block, task, _side in by_bucket[1]:
+        tasks.setdefault(task, set()).add(block)
+    covered = {tuple(sorted(b)) if len(b) == 2 else (min(b), min(b)) for b in tasks.values()}
+    assert covered == {(i, j) for i in range(blocks) for j in range(i, blocks)}
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spanning_forest_matches_union_find(seed):
+    rng = np.random.default_rng(seed)
+    n = 2000
+    a = rng.integers(0, n, size=3000)
+    b = rng.integers(0, n, size=3000)
+    forest = kernels.SpanningForest(n)
+    chosen = np.concatenate([forest.add(a[:1500], b[:1500]), 1500 + forest.add(a[1500:], b[1500:])])
+    pairs = [(int(x), int(y)) for x, y in zip(a, b) if x != y]
+    expected = groups_of(pairs)
+    labels = forest.labels()
+    assert {x: int(labels[x]) for x in expected} == expected
+    # A forest: the chosen edges connect the same components with no cycle.
+    assert len(chosen) == len(expected) - len(set(expected.values()))
+    assert groups_of([(int(a[i]), int(b[i])) for i in chosen]) == expected
+
+
+def test_spanning_forest_on_a_long_path_and_a_star():
+    n = 50_000
+    path = np.arange(n - 1)
+    order = np.random.default_rng(0).permutation(n - 1)
+    labels = kernels.components(n, path[order], path[order] + 1)
+    assert (labels == 0).all()
+    star = kernels.components(n, np.full(n - 1, n - 1), np.arange(n - 1))
+    assert (star == 0).all()
+
+
+def test_train_and_assign_cover_top_m(sample):
+    stored = normalize(sample.embeddings).astype(np.float32)
+    centroids = kernels.train_centroids(stored, 16, 10, 0)
+    assert centroids.shape == (16, 48)
+    buckets = kernels.assign_buckets(stored, centroids, 3)
+    scores = stored @ centroids.T
+    best = np.argsort(-scores, axis=1)[:, :3]
+    assert np.mean([set(x) == set(y) for x, y in zip(buckets, best)]) > 0.999
