@@ -21,6 +21,7 @@ import yaml
 FORMATS = ("auto", "laion", "parquet", "npy")
 PAIR_OUTPUTS = ("all", "spanning", "none")
 BUCKETING_METHODS = ("kmeans",)
+STAGES = ("read", "train", "assign", "search", "group", "write")
 
 
 class ConfigError(ValueError):
@@ -83,9 +84,17 @@ class SparkConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    s3_endpoint: str | None = None
+    s3_region: str | None = None
+
+
+@dataclass(frozen=True)
 class RunConfig:
     work_dir: str | None = None
+    keep_work: bool = False
     log_level: str = "INFO"
+    fail_after_stage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,7 @@ class JobConfig:
     group: GroupConfig = field(default_factory=GroupConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +214,7 @@ def validate(config: JobConfig) -> None:
         (config.search.query_block_rows >= 1, "search.query_block_rows must be >= 1"),
         (config.group.max_rounds >= 1, "group.max_rounds must be >= 1"),
         (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),
+        (config.run.fail_after_stage in (None, *STAGES), f"run.fail_after_stage must be one of {STAGES}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -1,9 +1,15 @@
 """The job, stage by stage: read -> train -> assign -> search -> group -> write -> report.
 
 Stage results live under the run's work prefix (``run.work_dir``, default
-``<output>/_work``); the published outputs are staged under ``<work>/publish``
-and moved to the output only when the whole run has succeeded, after which
-``_SUCCESS`` (listing every published file) is written last.
+``<output>/_work``). Each completed stage writes ``stages/<name>.json`` with a
+key: the hash of the previous stage's key, the stage's own settings and (for
+read) the input files' identity. A rerun with the same arguments reuses every
+stage whose key matches and recomputes from the first that does not.
+
+Published outputs are staged under ``<work>/publish`` and moved into the output
+only when every stage has succeeded; ``_SUCCESS`` (listing every published
+file) is written last, so a reader that waits for it never sees a partial
+result.
 
 Only small things reach the driver: the manifest, a bounded training sample,
 per-bucket and per-reason counts, per-shard write summaries.
@@ -11,10 +17,13 @@ per-bucket and per-reason counts, per-shard write summaries.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,10 +38,16 @@ from dedup_spark.read import build_manifest, read_metadata, read_rows
 log = logging.getLogger("dedup_spark")
 
 SUCCESS = "_SUCCESS"
+# Bump when a stage's output format or meaning changes, so old work is not reused.
+STAGE_FORMAT = 1
 
 
 class OutputError(ValueError):
     """The output location cannot be used as asked."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only run.fail_after_stage switch."""
 
 
 def check_locations(config: JobConfig) -> None:
@@ -42,159 +57,227 @@ def check_locations(config: JobConfig) -> None:
         raise OutputError(f"output {config.output.uri} is the input or inside it; choose another location")
     if storage.is_within(config.input.uri, config.output.uri):
         raise OutputError(f"input {config.input.uri} is inside the output {config.output.uri}; choose another location")
-    if storage.exists(storage.join(config.output.uri, SUCCESS)):
-        if not config.output.overwrite:
-            raise OutputError(f"output {config.output.uri} already holds a published result; pass --overwrite to replace it")
+    if storage.exists(storage.join(config.output.uri, SUCCESS)) and not config.output.overwrite:
+        raise OutputError(f"output {config.output.uri} already holds a published result; pass --overwrite to replace it")
 
 
-def publish(config: JobConfig, staged_uri: str) -> list[str]:
-    """Move staged files into the output, then write _SUCCESS listing them."""
-    output = config.output.uri
-    if config.output.overwrite:
-        for entry in storage.list_files(output, recursive=False) + _top_dirs(output):
-            if not storage.is_within(entry, config.work_uri):
-                storage.delete_tree(entry)
-    filesystem, _ = storage.resolve(output)
-    published = []
-    for uri in storage.list_files(staged_uri):
-        relative = uri[len(staged_uri.rstrip("/")) + 1:]
-        target = storage.join(output, relative)
-        _, source_path = storage.resolve(uri)
-        _, target_path = storage.resolve(target)
-        filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
-        filesystem.move(source_path, target_path)
-        published.append(relative)
-    storage.write_json(storage.join(output, SUCCESS), {"files": sorted(published)})
-    return published
+class StageRunner:
+    """Runs stages in order, reusing those whose recorded key matches."""
+
+    def __init__(self, config: JobConfig) -> None:
+        self.config = config
+        self.timer = report.StageTimer()
+        self.previous_key = ""
+        self.reused: list[str] = []
+
+    def run(self, name: str, settings: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        payload = json.dumps({"stage": name, "format": STAGE_FORMAT, "previous": self.previous_key,
+                              "settings": settings}, sort_keys=True, default=str)
+        key = hashlib.sha256(payload.encode()).hexdigest()
+        marker = storage.join(self.config.work_uri, "stages", f"{name}.json")
+        recorded = storage.read_json(marker) if storage.exists(marker) else None
+        if recorded and recorded.get("key") == key:
+            self.reused.append(name)
+            self.timer.seconds[name] = 0.0
+            log.info("stage %s: reused from an earlier run (key %s)", name, key[:12])
+            result = recorded["result"]
+        else:
+            with self.timer.stage(name) as record:
+                result = compute()
+                record.update(rows=result.get("rows", 0), note=result.get("note", ""))
+            storage.write_json(marker, {"key": key, "result": result})
+        self.previous_key = key
+        if self.config.run.fail_after_stage == name:
+            raise InjectedFault(f"run.fail_after_stage={name}: stopping after stage {name} as asked")
+        return result
 
 
-def _top_dirs(uri: str) -> list[str]:
-    import pyarrow.fs as pafs
+def _save_npy(uri: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    storage.write_bytes(uri, buffer.getvalue())
 
-    filesystem, path = storage.resolve(uri)
-    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    return [storage.join(uri, info.base_name) for info in filesystem.get_file_info(selector)
-            if info.type == pafs.FileType.Directory]
+
+def _load_npy(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
 def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the whole job; return the report (also written to report.json)."""
     check_locations(config)
+    storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region)
     from dedup_spark.session import get_session
 
     spark = spark or get_session(config)
     started = time.perf_counter()
-    timer = report.StageTimer()
+    stages = StageRunner(config)
     work = config.work_uri
     staged = storage.join(work, "publish")
-    storage.delete_tree(staged)
     threshold = config.search.threshold
     all_pairs = config.output.pairs == "all"
+    manifest = build_manifest(config)
+    dim = manifest.dim
+    rows_uri = storage.join(work, "read")
 
-    with timer.stage("read") as record:
-        manifest = build_manifest(config)
-        dim = manifest.dim
-        read_info = tables.write_table(read_rows(spark, manifest, config), storage.join(work, "read"))
-        rows = tables.read_table(spark, read_info.uri)
-        reasons = {r["reject_reason"]: r["count"] for r in rows.where(F.col("reject_reason").isNotNull())
-                   .groupBy("reject_reason").count().collect()}
-        rejected_rows = sum(reasons.values())
-        tables.write_table(rows.where(F.col("reject_reason").isNotNull())
-                           .select("row_id", "shard_id", "shard_row", "reject_reason"),
-                           storage.join(staged, "rejected"))
-        valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
-        valid_rows = read_info.rows - rejected_rows
-        if read_info.rows != manifest.rows:
-            raise report.AccountingError(f"read {read_info.rows} rows but the manifest lists {manifest.rows}")
-        record.update(rows=read_info.rows, note=f"{len(manifest.shards)} shards, {manifest.format}, d={dim}, "
-                                                f"{rejected_rows} rejected")
-    if config.input.id_column:
-        duplicated_ids = rows.groupBy("row_id").count().where(F.col("count") > 1).where(F.col("row_id").isNotNull())
-        clash = duplicated_ids.limit(5).collect()
-        if clash:
-            raise ConfigError(f"id column {config.input.id_column!r} is not unique, e.g. {[r['row_id'] for r in clash]}")
+    def read_stage() -> dict[str, Any]:
+        info = tables.write_table(read_rows(spark, manifest, config), rows_uri)
+        if info.rows != manifest.rows:
+            raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
+        reasons_df = tables.read_table(spark, rows_uri, ["reject_reason"]).where(F.col("reject_reason").isNotNull())
+        reasons = {r["reject_reason"]: r["count"] for r in reasons_df.groupBy("reject_reason").count().collect()}
+        rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
+        tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull()), storage.join(staged, "rejected"))
+        if config.input.id_column:
+            ids = tables.read_table(spark, rows_uri, ["row_id"]).where(F.col("row_id").isNotNull())
+            clash = ids.groupBy("row_id").count().where(F.col("count") > 1).limit(5).collect()
+            if clash:
+                raise ConfigError(f"id column {config.input.id_column!r} is not unique, e.g. {[r['row_id'] for r in clash]}")
+        rejected = sum(reasons.values())
+        return {"rows": info.rows, "valid_rows": info.rows - rejected, "rejected_rows": rejected, "reasons": reasons,
+                "note": f"{len(manifest.shards)} shards, {manifest.format}, d={dim}, {rejected} rejected"}
 
-    with timer.stage("train") as record:
-        centroids, train_stats = bucket.train(spark, valid, valid_rows, dim, config) if valid_rows else (
-            np.zeros((1, dim), np.float32), {"k": 1, "train_rows": 0})
-        buffer = io.BytesIO()
-        np.save(buffer, centroids)
-        centroids_uri = storage.join(staged, "model", "centroids.npy")
-        storage.write_bytes(centroids_uri, buffer.getvalue())
+    read_result = stages.run("read", {"manifest": manifest.to_dict(), "input": config.to_dict()["input"]}, read_stage)
+    rows = tables.read_table(spark, rows_uri)
+    valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
+    valid_rows = read_result["valid_rows"]
+    centroids_uri = storage.join(staged, "model", "centroids.npy")
+
+    def train_stage() -> dict[str, Any]:
+        if valid_rows:
+            centroids, stats = bucket.train(spark, valid, valid_rows, dim, config)
+        else:
+            centroids, stats = np.zeros((1, dim), np.float32), {"k": 1, "train_rows": 0}
+        _save_npy(centroids_uri, centroids)
         storage.write_bytes(storage.join(staged, "model", "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         storage.write_json(storage.join(staged, "model", "manifest.json"), manifest.to_dict())
-        k = centroids.shape[0]
+        k = int(centroids.shape[0])
         m = min(config.bucketing.m, k)
-        record.update(rows=train_stats["train_rows"], note=f"K={k}, m={m}")
+        return {"rows": stats["train_rows"], "k": k, "m": m, "train_rows": stats["train_rows"], "note": f"K={k}, m={m}"}
 
-    with timer.stage("assign") as record:
-        assigned_info = tables.write_table(bucket.assign(valid, centroids_uri, dim, m), storage.join(work, "assign"))
-        assigned = tables.read_table(spark, assigned_info.uri)
-        bucket_sizes = {r["bucket_id"]: r["count"] for r in assigned.groupBy("bucket_id").count().collect()}
-        record.update(rows=assigned_info.rows, note=f"{len(bucket_sizes)} non-empty buckets")
+    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
+    k, m = train_result["k"], train_result["m"]
+    assigned_uri = storage.join(work, "assign")
 
-    with timer.stage("search") as record:
-        cap = bucket.max_task_rows(spark, dim, config)
+    def assign_stage() -> dict[str, Any]:
+        info = tables.write_table(bucket.assign(valid, centroids_uri, dim, m), assigned_uri)
+        counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
+        sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
+        _save_npy(storage.join(work, "bucket_sizes.npy"), sizes)
+        return {"rows": info.rows, "buckets": len(sizes), "note": f"{len(sizes)} non-empty buckets"}
+
+    assign_result = stages.run("assign", {"m": m}, assign_stage)
+    bucket_sizes = {int(b): int(c) for b, c in _load_npy(storage.join(work, "bucket_sizes.npy"))}
+    cap = bucket.max_task_rows(spark, dim, config)
+    edges_uri = storage.join(work, "edges")
+
+    def search_stage() -> dict[str, Any]:
         plan = bucket.plan_search(bucket_sizes, cap)
         partitions = max(1, min(plan.tasks, max(spark.sparkContext.defaultParallelism * 4,
-                                                math.ceil(assigned_info.rows / 20000))))
-        routed = bucket.route(assigned, plan, config.bucketing.seed)
-        edges_df = search.search(routed, dim, threshold, config.search.query_block_rows, all_pairs, partitions)
-        edges_info = tables.write_table(edges_df, storage.join(work, "edges"))
-        edges = tables.read_table(spark, edges_info.uri)
-        record.update(rows=edges_info.rows, note=f"{plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}")
+                                                math.ceil(assign_result["rows"] / 20000))))
+        routed = bucket.route(tables.read_table(spark, assigned_uri), plan, config.bucketing.seed)
+        edges = search.search(routed, dim, threshold, config.search.query_block_rows, all_pairs, partitions)
+        info = tables.write_table(edges, edges_uri)
+        return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
+                "largest_task_rows": plan.largest_task_rows,
+                "note": f"{plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
 
-    with timer.stage("group") as record:
-        spanning = edges.where("spanning").select("row_id_a", "row_id_b")
-        members, cc_stats = group.connected_components(spanning, config)
+    search_settings = {"threshold": threshold, "cap": cap, "query_block_rows": config.search.query_block_rows,
+                       "all_pairs": all_pairs, "seed": config.bucketing.seed}
+    search_result = stages.run("search", search_settings, search_stage)
+    duplicates_uri = storage.join(staged, "duplicates")
+
+    def group_stage() -> dict[str, Any]:
+        edges = tables.read_table(spark, edges_uri)
+        members, cc_stats = group.connected_components(edges.where("spanning").select("row_id_a", "row_id_b"), config)
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
-        duplicates_info = tables.write_table(group.duplicates_table(members, kept, valid, dim),
-                                             storage.join(staged, "duplicates"))
-        duplicates = tables.read_table(spark, duplicates_info.uri)
-        totals = duplicates.agg(F.countDistinct("group_id").alias("groups"),
-                                F.sum(F.when(~F.col("is_kept"), 1).otherwise(0)).alias("removed")).first()
-        groups, removed_rows = int(totals["groups"]), int(totals["removed"] or 0)
+        info = tables.write_table(group.duplicates_table(members, kept, valid, dim), duplicates_uri)
+        totals = tables.read_table(spark, duplicates_uri, ["group_id", "is_kept"]).agg(
+            F.countDistinct("group_id").alias("groups"),
+            F.sum(F.when(~F.col("is_kept"), 1).otherwise(0)).alias("removed")).first()
         pairs_rows = None
         if config.output.pairs != "none":
             chosen = edges if all_pairs else edges.where("spanning")
-            pairs_df = (chosen.groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity")))
-            pairs_rows = tables.write_table(pairs_df, storage.join(staged, "pairs")).rows
-        record.update(rows=duplicates_info.rows, note=f"{groups} groups, {cc_stats['rounds']} rounds")
+            pairs = chosen.groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity"))
+            pairs_rows = tables.write_table(pairs, storage.join(staged, "pairs")).rows
+        groups = int(totals["groups"])
+        return {"rows": info.rows, "groups": groups, "removed_rows": int(totals["removed"] or 0),
+                "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows,
+                "note": f"{groups} groups, {cc_stats['rounds']} rounds"}
 
-    with timer.stage("write") as record:
-        removed_positions = (duplicates.where(~F.col("is_kept")).select("row_id")
-                             .join(rows.select("row_id", "shard_id", "shard_row"), "row_id")
-                             .select("shard_id", "shard_row"))
-        drops = removed_positions.unionByName(
+    group_result = stages.run("group", {"group": config.to_dict()["group"], "keep": config.to_dict()["keep"],
+                                        "pairs": config.output.pairs}, group_stage)
+
+    def write_stage() -> dict[str, Any]:
+        duplicates = tables.read_table(spark, duplicates_uri, ["row_id", "is_kept"])
+        positions = rows.select("row_id", "shard_id", "shard_row")
+        removed = duplicates.where(~F.col("is_kept")).select("row_id").join(positions, "row_id")
+        drops = removed.select("shard_id", "shard_row").unionByName(
             rows.where(F.col("reject_reason").isNotNull()).select("shard_id", "shard_row"))
         summaries = write.write_dedup(spark, manifest, drops, storage.join(staged, "dedup"))
-        written_rows = sum(s["rows_written"] for s in summaries)
-        record.update(rows=written_rows, note=f"{len(summaries)} shards")
+        written = sum(s["rows_written"] for s in summaries)
+        return {"rows": written, "shards": len(summaries), "note": f"{len(summaries)} shards"}
 
+    write_result = stages.run("write", {}, write_stage)
+
+    removed_rows = group_result["removed_rows"]
     kept_rows = valid_rows - removed_rows
     result: dict[str, Any] = {
         "input": {"uri": manifest.input_uri, "format": manifest.format, "dim": dim, "shards": len(manifest.shards)},
         "output": {"uri": config.output.uri, "pairs": config.output.pairs},
         "threshold": threshold,
-        "accounting": report.accounting(manifest.rows, kept_rows, removed_rows, rejected_rows, written_rows),
-        "rejected_by_reason": reasons,
-        "bucketing": {"method": config.bucketing.method, "k": k, "m": m, "train_rows": train_stats["train_rows"],
-                      "assigned_rows": assigned_info.rows, "bucket_sizes": report.size_stats(list(bucket_sizes.values())),
-                      "max_task_rows": cap, "search_tasks": plan.tasks, "split_buckets": plan.split_buckets,
-                      "largest_task_rows": plan.largest_task_rows},
-        "search": {"edges_emitted": edges_info.rows, "pairs_written": pairs_rows},
-        "groups": {"count": groups, "rows_in_groups": duplicates_info.rows, "cc_rounds": cc_stats["rounds"]},
-        "timings_seconds": {**timer.seconds},
-        "rows_per_stage": timer.rows,
+        "accounting": report.accounting(manifest.rows, kept_rows, removed_rows, read_result["rejected_rows"],
+                                        write_result["rows"]),
+        "rejected_by_reason": read_result["reasons"],
+        "bucketing": {"method": config.bucketing.method, "k": k, "m": m, "train_rows": train_result["train_rows"],
+                      "assigned_rows": assign_result["rows"],
+                      "bucket_sizes": report.size_stats(list(bucket_sizes.values())),
+                      "max_task_rows": cap, "search_tasks": search_result["tasks"],
+                      "split_buckets": search_result["split_buckets"],
+                      "largest_task_rows": search_result["largest_task_rows"]},
+        "search": {"edges_emitted": search_result["rows"], "pairs_written": group_result["pairs_rows"]},
+        "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
+                   "cc_rounds": group_result["cc_rounds"]},
+        "stages_reused": stages.reused,
+        "timings_seconds": dict(stages.timer.seconds),
     }
-    with timer.stage("publish"):
-        storage.write_json(storage.join(staged, "report.json"), result)
-        publish(config, staged)
+    result["timings_seconds"]["total"] = round(time.perf_counter() - started, 3)
+    storage.write_json(storage.join(staged, "report.json"), result)
+    publish(config, staged)
+    if not config.run.keep_work:
         storage.delete_tree(work)
-    result["timings_seconds"] = {**timer.seconds, "total": round(time.perf_counter() - started, 3)}
-    storage.write_json(storage.join(config.output.uri, "report.json"), result)
     log.info("done: %d rows in, %d groups, %d removed, %d rejected, %.1f s; outputs under %s",
-             manifest.rows, groups, removed_rows, rejected_rows, result["timings_seconds"]["total"], config.output.uri)
+             manifest.rows, result["groups"]["count"], removed_rows, read_result["rejected_rows"],
+             result["timings_seconds"]["total"], config.output.uri)
     return result
+
+
+def publish(config: JobConfig, staged_uri: str) -> list[str]:
+    """Move the staged files into the output, then write _SUCCESS listing them.
+
+    The list of files is recorded first, so a publish interrupted half-way is
+    completed by the rerun (files already moved are found at their target).
+    """
+    output = config.output.uri
+    plan_uri = storage.join(config.work_uri, "publish_plan.json")
+    if storage.exists(plan_uri):
+        relatives = storage.read_json(plan_uri)["files"]
+    else:
+        relatives = [uri[len(staged_uri.rstrip("/")) + 1:] for uri in storage.list_files(staged_uri)]
+        storage.write_json(plan_uri, {"files": relatives})
+    # An earlier result stops being published before anything of the new one appears.
+    storage.delete_tree(storage.join(output, SUCCESS))
+    if config.output.overwrite:
+        for entry in storage.list_entries(output):
+            if not storage.is_within(config.work_uri, entry):
+                storage.delete_tree(entry)
+    for relative in relatives:
+        source, target = storage.join(staged_uri, relative), storage.join(output, relative)
+        if storage.exists(source):
+            storage.move(source, target)
+        elif not storage.exists(target):
+            raise OutputError(f"cannot publish {relative}: missing from the staging area and the output")
+    storage.write_json(storage.join(output, SUCCESS), {"files": sorted(relatives)})
+    storage.delete_tree(plan_uri)
+    return relatives

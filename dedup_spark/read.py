@@ -66,6 +66,7 @@ class Manifest:
     format: str
     dim: int
     shards: list[Shard]
+    files: list[tuple[str, int, int]] = field(default_factory=list)  # (uri, size, mtime_ns): the input's identity
 
     @property
     def rows(self) -> int:
@@ -73,12 +74,12 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {"input_uri": self.input_uri, "format": self.format, "dim": self.dim, "rows": self.rows,
-                "shards": [s.to_dict() for s in self.shards]}
+                "shards": [s.to_dict() for s in self.shards], "files": [list(f) for f in self.files]}
 
     @staticmethod
     def from_dict(payload: dict) -> Manifest:
         return Manifest(payload["input_uri"], payload["format"], payload["dim"],
-                        [Shard(**s) for s in payload["shards"]])
+                        [Shard(**s) for s in payload["shards"]], [tuple(f) for f in payload.get("files", [])])
 
 
 def _natural_key(text: str) -> list:
@@ -162,7 +163,8 @@ def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -
 def build_manifest(config: JobConfig) -> Manifest:
     """Shards, rows, offsets and dims from headers and footers only."""
     root = config.input.uri.rstrip("/")
-    files = [f for f in storage.list_files(root) if _visible(_relative(f, root))]
+    infos = [info for info in storage.file_infos(root) if _visible(_relative(info[0], root))]
+    files = [info[0] for info in infos]
     if not files:
         raise InputError(f"input {root} does not exist or holds no files")
     fmt = config.input.format if config.input.format != "auto" else detect_format(root, files)
@@ -208,7 +210,8 @@ def build_manifest(config: JobConfig) -> Manifest:
     dim = config.input.dim or (dims.most_common(1)[0][0] if dims else None)
     if dim is None:
         raise InputError(f"{root}: cannot tell the embedding dimension (no rows?); set input.dim")
-    return Manifest(root, fmt, dim, shards)
+    used = {uri for shard in shards for uri in (shard.embedding_uri, shard.metadata_uri) if uri}
+    return Manifest(root, fmt, dim, shards, [info for info in infos if info[0] in used])
 
 
 def read_chunks(manifest: Manifest, chunk_rows: int) -> list[tuple[int, int, int]]:

@@ -25,6 +25,50 @@ def scheme(uri: str) -> str:
     return match.group(1).lower() if match else "file"
 
 
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def configure_s3(endpoint: str | None, region: str | None) -> dict[str, str]:
+    """Put configured S3 settings into this process's environment, where every
+    filesystem (here and in Python workers started later) finds them; returns
+    the variables to pass to remote executors. Credentials are never handled here."""
+    exported = {}
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
+    if region:
+        os.environ["AWS_REGION"] = region
+    for name in ENDPOINT_VARIABLES + REGION_VARIABLES:
+        if os.environ.get(name):
+            exported[name] = os.environ[name]
+    _filesystem.cache_clear()
+    return exported
+
+
+def _s3_credentials() -> dict[str, str]:
+    """Credentials from boto3's chain when the environment has none.
+
+    pyarrow's SDK reads the environment, shared files and instance metadata
+    itself; boto3 adds what it resolves beyond those (SSO, credential
+    processes, assumed roles). Values go straight to the filesystem object.
+    """
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        return {}
+    try:
+        import boto3
+
+        found = boto3.Session().get_credentials()
+    except Exception:  # noqa: BLE001 - no boto3 chain: let the SDK try its own
+        return {}
+    if found is None:
+        return {}
+    frozen = found.get_frozen_credentials()
+    options = {"access_key": frozen.access_key, "secret_key": frozen.secret_key}
+    if frozen.token:
+        options["session_token"] = frozen.token
+    return options
+
+
 @functools.lru_cache(maxsize=16)
 def _filesystem(kind: str, endpoint: str | None, region: str | None) -> pafs.FileSystem:
     if kind == "s3":
@@ -35,6 +79,7 @@ def _filesystem(kind: str, endpoint: str | None, region: str | None) -> pafs.Fil
                 options["scheme"] = "http"
         if region:
             options["region"] = region
+        options.update(_s3_credentials())
         return pafs.S3FileSystem(**options)
     return pafs.LocalFileSystem()
 
@@ -46,8 +91,8 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         path = uri[len("file://"):] if uri.startswith("file://") else uri
         return _filesystem("file", None, None), os.path.abspath(path)
     if kind in ("s3", "s3a"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
+        region = next((os.environ[v] for v in REGION_VARIABLES if os.environ.get(v)), None)
         return _filesystem("s3", endpoint, region), uri.split("://", 1)[1].rstrip("/")
     filesystem, path = pafs.FileSystem.from_uri(uri)
     return filesystem, path
@@ -79,18 +124,24 @@ def exists(uri: str) -> bool:
     return filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def list_files(uri: str, recursive: bool = True) -> list[str]:
-    """Every file under a prefix, as URIs in the same scheme, sorted."""
+def file_infos(uri: str, recursive: bool = True) -> list[tuple[str, int, int]]:
+    """(URI, size, modification time in ns) of every file under a prefix, sorted."""
     filesystem, path = resolve(uri)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type == pafs.FileType.File:
-        return [uri]
+        return [(uri, info.size, info.mtime_ns or 0)]
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
-    found = [entry.path for entry in filesystem.get_file_info(selector) if entry.type == pafs.FileType.File]
     prefix = path.rstrip("/")
-    return sorted(join(uri, entry[len(prefix):]) for entry in found)
+    found = [(join(uri, entry.path[len(prefix):]), entry.size, entry.mtime_ns or 0)
+             for entry in filesystem.get_file_info(selector) if entry.type == pafs.FileType.File]
+    return sorted(found)
+
+
+def list_files(uri: str, recursive: bool = True) -> list[str]:
+    """Every file under a prefix, as URIs in the same scheme, sorted."""
+    return [entry[0] for entry in file_infos(uri, recursive)]
 
 
 def read_bytes(uri: str) -> bytes:
@@ -122,6 +173,21 @@ def delete_tree(uri: str) -> None:
         filesystem.delete_dir(path)
     elif info.type == pafs.FileType.File:
         filesystem.delete_file(path)
+
+
+def list_entries(uri: str) -> list[str]:
+    """The files and directories directly under a prefix."""
+    filesystem, path = resolve(uri)
+    selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
+    return sorted(join(uri, info.base_name) for info in filesystem.get_file_info(selector))
+
+
+def move(source: str, target: str) -> None:
+    """Move one file (a rename locally; copy and delete on object stores)."""
+    filesystem, source_path = resolve(source)
+    _, target_path = resolve(target)
+    filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+    filesystem.move(source_path, target_path)
 
 
 def open_output(uri: str):
