@@ -9,7 +9,7 @@ DEMO_DIM ?= 512
 DEMO_DIR := data/demo
 BENCH_ROWS ?= 200000
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean zip
 
 $(STAMP): setup.cfg pyproject.toml scripts/find_java.sh
 	@scripts/find_java.sh >/dev/null
@@ -29,6 +29,13 @@ demo: install
 
 test: install
 	@export JAVA_HOME=$$(scripts/find_java.sh) && $(PY) -m pytest -q
+
+# The library as one zip for `spark-submit --py-files dist/dedup_spark.zip` on clusters
+# whose executors do not have the package installed.
+zip: install
+	@mkdir -p dist && rm -f dist/dedup_spark.zip
+	@$(PY) -c "import zipfile, pathlib; z = zipfile.ZipFile('dist/dedup_spark.zip', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for p in sorted(pathlib.Path('dedup_spark').rglob('*.py'))]; z.close()"
+	@echo dist/dedup_spark.zip
 
 lint: install
 	$(VENV)/bin/ruff check .

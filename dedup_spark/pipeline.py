@@ -105,10 +105,10 @@ def _load_npy(uri: str) -> np.ndarray:
 def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the whole job; return the report (also written to report.json)."""
     check_locations(config)
-    storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region)
+    executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region)
     from dedup_spark.session import get_session
 
-    spark = spark or get_session(config)
+    spark = spark or get_session(config, executor_env)
     started = time.perf_counter()
     stages = StageRunner(config)
     work = config.work_uri

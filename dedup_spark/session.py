@@ -19,8 +19,12 @@ def launched_by_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def get_session(config: JobConfig) -> SparkSession:
-    """The active session, or a new one configured from ``config.spark``."""
+def get_session(config: JobConfig, executor_env: dict[str, str] | None = None) -> SparkSession:
+    """The active session, or a new one configured from ``config.spark``.
+
+    ``executor_env``: variables remote executors need too (the S3 endpoint and
+    region; never credentials, which executors take from their own chain).
+    """
     # Python workers must run the interpreter that has our dependencies.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("dedup-spark")
@@ -29,6 +33,8 @@ def get_session(config: JobConfig) -> SparkSession:
                    .config("spark.driver.memory", config.spark.driver_memory)
                    .config("spark.sql.shuffle.partitions", "16")
                    .config("spark.ui.showConsoleProgress", "false"))
+    for name, value in (executor_env or {}).items():
+        builder = builder.config(f"spark.executorEnv.{name}", value)
     for key, value in config.spark.conf.items():
         builder = builder.config(key, value)
     spark = builder.getOrCreate()

@@ -1,0 +1,201 @@
+"""S3 in and out through a real S3 endpoint on 127.0.0.1 (moto's threaded server),
+on Spark local mode and on a real standalone cluster started with spark-class."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import boto3
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from helpers import make_sample
+from oracle import brute_force_pairs, groups_of, normalize
+
+REPO = Path(__file__).resolve().parent.parent
+ACCESS_KEY = "AKIADEDUPSPARKTEST42"
+SECRET_KEY = "dedup-spark-test-secret-0f9e8d7c6b5a"
+BUCKET = "datasets"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_ENDPOINT_URL": endpoint,
+           "AWS_REGION": "us-east-1"}
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield env, client
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_sample(s3_endpoint, tmp_path_factory):
+    env, client = s3_endpoint
+    sample, root = make_sample(tmp_path_factory.mktemp("s3"), rows=3000, dim=32, seed=21)
+    for path in root.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"laion/{path.relative_to(root)}")
+    return sample
+
+
+def download(client, prefix: str, target: Path) -> list[Path]:
+    files = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):
+                continue
+            local = target / item["Key"][len(prefix):].lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(BUCKET, item["Key"], str(local))
+            files.append(local)
+    return files
+
+
+def submit(env: dict, *args: str, master: str = "local[2]") -> subprocess.CompletedProcess:
+    spark_submit = str(Path(sys.executable).parent / "spark-submit")
+    full_env = {**os.environ, **env, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+                "SPARK_LOCAL_IP": "127.0.0.1"}
+    command = [spark_submit, "--master", master, "--conf", "spark.ui.enabled=false",
+               "--conf", f"spark.pyspark.python={sys.executable}", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=full_env, timeout=900)
+
+
+def check_outputs(local_out: Path, sample) -> dict:
+    oracle = brute_force_pairs(normalize(sample.embeddings), 0.95)
+    duplicates = pq.read_table(sorted((local_out / "duplicates").glob("part-*.parquet")))
+    groups = dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("group_id").to_pylist()))
+    assert groups == groups_of(oracle)
+    pairs = pq.read_table(sorted((local_out / "pairs").glob("part-*.parquet")))
+    assert set(zip(pairs.column("row_id_a").to_pylist(), pairs.column("row_id_b").to_pylist())) == set(oracle)
+    report = json.loads((local_out / "report.json").read_text())
+    assert report["accounting"]["balanced"]
+    kept = sum(pq.read_metadata(p).num_rows for p in (local_out / "dedup" / "metadata").glob("*.parquet"))
+    assert kept == report["accounting"]["kept_rows"] == len(sample.embeddings) - sum(1 for r, g in groups.items() if r != g)
+    success = json.loads((local_out / "_SUCCESS").read_text())
+    assert "report.json" in success["files"] and all((local_out / f).exists() for f in success["files"])
+    return report
+
+
+def assert_no_credentials(texts: list[str], files: list[Path]) -> None:
+    for text in texts:
+        assert ACCESS_KEY not in text and SECRET_KEY not in text
+    for path in files:
+        payload = path.read_bytes()
+        assert ACCESS_KEY.encode() not in payload and SECRET_KEY.encode() not in payload, path
+
+
+def test_s3_in_and_out_with_spark_submit(s3_endpoint, s3_sample, tmp_path):
+    env, client = s3_endpoint
+    result = submit(env, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/laion",
+                    "--output", f"s3://{BUCKET}/runs/local", "--set", "bucketing.k=1", "--set", "output.pairs=all")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = download(client, "runs/local/", tmp_path / "out")
+    check_outputs(tmp_path / "out", s3_sample)
+    assert not any("_work" in str(p) for p in files), "the work prefix is removed after publishing"
+    assert_no_credentials([result.stdout, result.stderr], files)
+
+
+@pytest.fixture
+def standalone_cluster(tmp_path, s3_endpoint):
+    """A Spark standalone master and one worker on 127.0.0.1, stopped whatever the outcome."""
+    env, _ = s3_endpoint
+    spark_class = str(Path(sys.executable).parent / "spark-class")
+    master_port, master_ui, worker_ui = free_port(), free_port(), free_port()
+    full_env = {**os.environ, **env, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                "SPARK_WORKER_DIR": str(tmp_path / "worker"), "SPARK_LOG_DIR": str(tmp_path / "logs")}
+    logs = tmp_path / "cluster-logs"
+    logs.mkdir()
+    processes = []
+    try:
+        processes.append(subprocess.Popen(
+            [spark_class, "org.apache.spark.deploy.master.Master", "--host", "127.0.0.1", "--port", str(master_port),
+             "--webui-port", str(master_ui)],
+            env=full_env, stdout=open(logs / "master.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        master = f"spark://127.0.0.1:{master_port}"
+        processes.append(subprocess.Popen(
+            [spark_class, "org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "2",
+             "--memory", "3g", "--webui-port", str(worker_ui), "--work-dir", str(tmp_path / "worker"), master],
+            env=full_env, stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{master_ui}/json/", timeout=5) as response:
+                    state = json.load(response)
+                if sum(1 for w in state.get("workers", []) if w.get("state") == "ALIVE") >= 1:
+                    break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError("standalone worker did not register: " + (logs / "worker.log").read_text()[-2000:])
+            time.sleep(1)
+        yield master, tmp_path
+    finally:
+        for process in processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_s3_on_a_standalone_cluster(s3_endpoint, s3_sample, standalone_cluster, tmp_path):
+    env, client = s3_endpoint
+    master, cluster_dir = standalone_cluster
+    built = subprocess.run(["make", "-s", "zip"], cwd=REPO, capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    result = submit(env, "--py-files", str(REPO / "dist" / "dedup_spark.zip"),
+                    "--conf", "spark.executor.memory=2g", "--conf", "spark.driver.host=127.0.0.1",
+                    str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/laion",
+                    "--output", f"s3://{BUCKET}/runs/cluster", "--set", "bucketing.k=1", "--set", "output.pairs=all",
+                    master=master)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = download(client, "runs/cluster/", tmp_path / "out")
+    check_outputs(tmp_path / "out", s3_sample)
+    # The work ran on the cluster's executor, not in the driver.
+    executor_logs = [p for p in (cluster_dir / "worker").rglob("stderr")]
+    assert executor_logs, "no executor ran on the standalone worker"
+    logs = [p.read_text(errors="replace") for p in executor_logs + list((cluster_dir / "cluster-logs").glob("*.log"))]
+    assert_no_credentials([result.stdout, result.stderr, *logs], files)
+
+
+def test_parquet_input_on_s3(s3_endpoint, tmp_path):
+    env, client = s3_endpoint
+    from dedup_spark.sample import SampleSpec, generate, write
+
+    sample = generate(SampleSpec(rows=1500, dim=24, seed=22))
+    write(sample, tmp_path / "pq", "parquet", shard_rows=500, dtype="float32", list_type="fixed_size_list")
+    for path in (tmp_path / "pq").glob("*.parquet"):
+        client.upload_file(str(path), BUCKET, f"pq/{path.name}")
+    result = submit(env, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/pq",
+                    "--output", f"s3://{BUCKET}/runs/pq", "--set", "bucketing.k=1")
+    assert result.returncode == 0, result.stdout[-3000:]
+    download(client, "runs/pq/", tmp_path / "out")
+    oracle = groups_of(brute_force_pairs(normalize(sample.embeddings.astype("float32")), 0.95))
+    kept = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "dedup").glob("*.parquet"))])
+    assert kept.num_rows == 1500 - sum(1 for r, g in oracle.items() if r != g)
+    assert pq.read_schema(tmp_path / "out" / "dedup" / "part_0.parquet") == pq.read_schema(tmp_path / "pq" / "part_0.parquet")
