@@ -9,7 +9,7 @@ DEMO_DIM ?= 512
 DEMO_DIR := data/demo
 BENCH_ROWS ?= 200000
 
-.PHONY: install demo test lint bench clean zip
+.PHONY: install demo test lint bench clean zip docker-demo
 
 $(STAMP): setup.cfg pyproject.toml scripts/find_java.sh
 	@scripts/find_java.sh >/dev/null
@@ -36,6 +36,10 @@ zip: install
 	@mkdir -p dist && rm -f dist/dedup_spark.zip
 	@$(PY) -c "import zipfile, pathlib; z = zipfile.ZipFile('dist/dedup_spark.zip', 'w', zipfile.ZIP_DEFLATED); [z.write(p) for p in sorted(pathlib.Path('dedup_spark').rglob('*.py'))]; z.close()"
 	@echo dist/dedup_spark.zip
+
+# MinIO + Spark master + worker + the demo job, in containers (needs a Docker engine).
+docker-demo:
+	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from job
 
 lint: install
 	$(VENV)/bin/ruff check .
