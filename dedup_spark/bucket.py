@@ -49,17 +49,27 @@ def choose_k(rows: int, config: JobConfig) -> int:
     return int(max(1, min(k, rows // 8)))
 
 
-def max_task_rows(spark: SparkSession, dim: int, config: JobConfig) -> int:
-    """Rows one search task may hold: the configured cap, or derived from executor memory and d."""
-    if config.search.max_task_rows is not None:
-        return config.search.max_task_rows
+def task_memory_bytes(spark: SparkSession) -> int:
+    """Memory one search task may use: half of an executor's memory over its cores.
+
+    The other half is left to the JVM side (shuffle buffers, Arrow batches).
+    """
     conf = spark.sparkContext.getConf()
     memory = conf.get("spark.executor.memory", None) or conf.get("spark.driver.memory", "1g")
     cores = int(conf.get("spark.executor.cores", "0") or 0) or spark.sparkContext.defaultParallelism
-    budget = _parse_bytes(memory) / max(1, cores) / 2
-    # Per row: the float16 copy, its float32 copy, a row of the score block and bookkeeping.
-    per_row = dim * 6 + 4 * config.search.query_block_rows + 64
-    return int(max(2000, min(200_000, budget // per_row)))
+    return int(_parse_bytes(memory) / max(1, cores) / 2)
+
+
+def max_task_rows(task_memory: int, dim: int, config: JobConfig) -> int:
+    """Rows one search task may hold: the configured cap, or derived from task memory and d.
+
+    Half of the task's memory holds its rows (the float16 vectors, their float32
+    copy, Arrow buffers: about 8d + 128 bytes a row); the other half holds the
+    similarity block, whose height the search sizes to fit.
+    """
+    if config.search.max_task_rows is not None:
+        return config.search.max_task_rows
+    return int(max(1000, min(1_000_000, (task_memory // 2) // (8 * dim + 128))))
 
 
 def _parse_bytes(text: str) -> float:

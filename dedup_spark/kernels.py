@@ -177,6 +177,86 @@ class SpanningForest:
         return self.parent.copy()
 
 
+def _exact_band(scores: np.ndarray, left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                threshold: float, margin: float) -> None:
+    """Settle scores within float32 rounding of the threshold in float64, in place:
+    they become clearly above (threshold + 2 margin) or -inf."""
+    band = (scores >= threshold - margin) & (scores < threshold + margin)
+    if not band.any():
+        return
+    band_r, band_c = np.nonzero(band)
+    if band_r.size:
+        exact = np.einsum("ij,ij->i", left[rows[band_r]].astype(np.float64), right[cols[band_c]].astype(np.float64))
+        scores[band_r, band_c] = np.where(exact >= threshold, threshold + 2 * margin, -np.inf)
+
+
+def spanning_edges(
+    points: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray | None,
+    threshold: float,
+    block_rows: int = 1024,
+    memory_bytes: int = 256 << 20,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A spanning forest of the >= threshold graph, without materialising its pairs.
+
+    ``points``: unit rows (float16). ``left``/``right``: node indices into
+    ``points``; ``right is None`` searches pairs inside ``left``, otherwise pairs
+    across the two. Returns edges (a, b, exact similarity) that are real pairs,
+    at most one per merge, so fewer than len(points).
+
+    Guarantee: the components of the returned edges equal those of all pairs
+    >= threshold (closure identical to an exhaustive search). For each block
+    of query rows, every row repeatedly links to its most similar neighbour
+    outside its current component, and so does every column, until none is
+    left (Boruvka rounds: the components touched at least halve each round); memory is O(block x columns), whatever the number of
+    pairs, so a 100,000-copy group costs its matrix products and nothing more.
+    """
+    forest = SpanningForest(points.shape[0])
+    as32 = np.ascontiguousarray(points, dtype=np.float32)
+    same = right is None
+    columns_all = left if same else right
+    margin = similarity_margin(points.shape[1])
+    # Several q x n float32 temporaries live at once: size the block to the budget.
+    step = int(max(16, min(block_rows, memory_bytes // max(1, 16 * len(columns_all)))))
+    chosen_a: list[np.ndarray] = []
+    chosen_b: list[np.ndarray] = []
+    for start in range(0, len(left), step):
+        rows = left[start:start + step]
+        cols = left[start:] if same else right
+        scores = as32[rows] @ as32[cols].T
+        if same:  # only pairs (i, j) with j after i: the block's own square keeps its upper triangle
+            scores[:, :len(rows)][np.tril(np.ones((len(rows), len(rows)), dtype=bool))] = -np.inf
+        _exact_band(scores, points, points, rows, cols, threshold, margin)
+        hits = scores >= threshold
+        while True:
+            # Byte masks first: most rows of a formed group have no neighbour outside it.
+            labels = forest.labels()
+            cross = hits & (labels[cols][None, :] != labels[rows][:, None])
+            if not cross.any():
+                break
+            # Every row and every column with a neighbour outside its component links to its
+            # best such neighbour (Boruvka): the components touched at least halve each round.
+            outside = np.where(cross, scores, -np.inf)
+            row_best = np.argmax(outside, axis=1)
+            row_score = outside[np.arange(len(rows)), row_best]
+            col_best = np.argmax(outside, axis=0)
+            col_score = outside[col_best, np.arange(len(cols))]
+            row_on, col_on = row_score >= threshold, col_score >= threshold
+            a = np.concatenate([rows[row_on], rows[col_best[col_on]]])
+            b = np.concatenate([cols[row_best[row_on]], cols[col_on]])
+            weight = np.concatenate([row_score[row_on], col_score[col_on]])
+            picked = forest.add(a, b, weight)
+            chosen_a.append(a[picked])
+            chosen_b.append(b[picked])
+    if not chosen_a:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, np.zeros(0, dtype=np.float32)
+    a, b = np.concatenate(chosen_a), np.concatenate(chosen_b)
+    similarity = np.einsum("ij,ij->i", points[a].astype(np.float64), points[b].astype(np.float64))
+    return a, b, similarity.astype(np.float32)
+
+
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Component label (smallest member) of each of ``n`` nodes."""
     forest = SpanningForest(n)

@@ -168,7 +168,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
     assign_result = stages.run("assign", {"m": m}, assign_stage)
     bucket_sizes = {int(b): int(c) for b, c in _load_npy(storage.join(work, "bucket_sizes.npy"))}
-    cap = bucket.max_task_rows(spark, dim, config)
+    task_memory = bucket.task_memory_bytes(spark)
+    cap = bucket.max_task_rows(task_memory, dim, config)
     edges_uri = storage.join(work, "edges")
 
     def search_stage() -> dict[str, Any]:
@@ -176,14 +177,15 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         partitions = max(1, min(plan.tasks, max(spark.sparkContext.defaultParallelism * 4,
                                                 math.ceil(assign_result["rows"] / 20000))))
         routed = bucket.route(tables.read_table(spark, assigned_uri), plan, config.bucketing.seed)
-        edges = search.search(routed, dim, threshold, config.search.query_block_rows, all_pairs, partitions)
+        edges = search.search(routed, dim, threshold, config.search.query_block_rows, all_pairs, partitions,
+                              task_memory // 2)
         info = tables.write_table(edges, edges_uri)
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
                 "largest_task_rows": plan.largest_task_rows,
                 "note": f"{plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
 
-    search_settings = {"threshold": threshold, "cap": cap, "query_block_rows": config.search.query_block_rows,
-                       "all_pairs": all_pairs, "seed": config.bucketing.seed}
+    search_settings = {"threshold": threshold, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
+                       "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
 

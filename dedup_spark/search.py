@@ -1,10 +1,14 @@
 """Search stage: exact cosine search inside each search task, in Spark tasks.
 
 Each task holds one bucket (or one block, or one pair of blocks of a split
-bucket), finds every pair >= threshold with float32 matrix products and an
-exact float64 check near the threshold (see ``kernels.search_pairs``), and
-unions its pairs in a local union-find. It emits its spanning edges (a forest:
-fewer edges than rows) and, when ``output.pairs: all``, every pair too.
+bucket) and compares every row with every other by float32 matrix products,
+with an exact float64 check near the threshold.
+
+- ``output.pairs: spanning | none``: the task emits a spanning forest of its
+  >= threshold graph (``kernels.spanning_edges``), never materialising the
+  pairs themselves, so a group of g copies costs g - 1 edges, not g^2 / 2.
+- ``output.pairs: all``: the task emits every pair (``kernels.search_pairs``),
+  flagging those that form its spanning forest for the grouping stage.
 """
 
 from __future__ import annotations
@@ -27,12 +31,24 @@ EDGES_SCHEMA = T.StructType([
 ])
 
 
-def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all_pairs: bool) -> Iterator[pa.RecordBatch]:
+def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all_pairs: bool,
+                block_memory: int = 256 << 20) -> Iterator[pa.RecordBatch]:
     """Pairs of one search task. ``rows``: side, row_id, embedding (side 1 only for block pairs)."""
     side = rows.column("side").to_numpy()
     row_ids = rows.column("row_id").to_numpy()
     embeddings = binary_matrix(rows.column("embedding"), dim)
     right_mask = side == 1
+    if not all_pairs:
+        left_nodes = np.flatnonzero(~right_mask)
+        right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
+        a, b, similarity = kernels.spanning_edges(embeddings, left_nodes, right_nodes, threshold, block_rows, block_memory)
+        if len(a):
+            id_a, id_b = row_ids[a], row_ids[b]
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
+                 pa.array(np.ones(len(a), dtype=bool))],
+                names=EDGES_SCHEMA.names)
+        return
     if right_mask.any():
         left_index, right_index = np.flatnonzero(~right_mask), np.flatnonzero(right_mask)
         blocks = kernels.search_pairs(embeddings[left_index], embeddings[right_index], threshold, block_rows)
@@ -42,15 +58,8 @@ def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all
     forest = kernels.SpanningForest(len(row_ids))
     for i, j, similarity in blocks:
         a, b = left_index[i], right_index[j]
-        chosen = forest.add(a, b, similarity)
-        if all_pairs:
-            spanning = np.zeros(len(a), dtype=bool)
-            spanning[chosen] = True
-        else:
-            a, b, similarity = a[chosen], b[chosen], similarity[chosen]
-            spanning = np.ones(len(a), dtype=bool)
-        if len(a) == 0:
-            continue
+        spanning = np.zeros(len(a), dtype=bool)
+        spanning[forest.add(a, b, similarity)] = True
         id_a, id_b = row_ids[a], row_ids[b]
         yield pa.RecordBatch.from_arrays(
             [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
@@ -59,11 +68,12 @@ def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all
         )
 
 
-def search(routed: DataFrame, dim: int, threshold: float, block_rows: int, all_pairs: bool, partitions: int) -> DataFrame:
+def search(routed: DataFrame, dim: int, threshold: float, block_rows: int, all_pairs: bool, partitions: int,
+           block_memory: int) -> DataFrame:
     """Edges (EDGES_SCHEMA) from every search task; a pair found in several tasks may repeat."""
 
     def handle(task_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         del task_id
-        yield from search_task(rows, dim, threshold, block_rows, all_pairs)
+        yield from search_task(rows, dim, threshold, block_rows, all_pairs, block_memory)
 
     return stream_groups(routed, "task_id", ["side", "row_id"], partitions, handle, EDGES_SCHEMA)

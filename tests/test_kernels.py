@@ -124,3 +124,38 @@ def test_train_and_assign_cover_top_m(sample):
     scores = stored @ centroids.T
     best = np.argsort(-scores, axis=1)[:, :3]
     assert np.mean([set(x) == set(y) for x, y in zip(buckets, best)]) > 0.999
+
+
+@pytest.mark.parametrize("threshold", [0.9, 0.95])
+def test_spanning_edges_close_exactly_like_all_pairs(sample, threshold):
+    stored = normalize(sample.embeddings)
+    oracle = brute_force_pairs(stored, threshold)
+    nodes = np.arange(len(stored))
+    a, b, similarity = kernels.spanning_edges(stored, nodes, None, threshold, block_rows=257)
+    edges = list(zip(a.tolist(), b.tolist()))
+    assert all((min(e), max(e)) in oracle for e in edges), "every spanning edge is a real pair"
+    assert all(abs(s - oracle[(min(x, y), max(x, y))]) < 1e-6 for x, y, s in zip(a, b, similarity))
+    expected = groups_of(oracle)
+    assert groups_of(edges) == expected
+    assert len(edges) == len(expected) - len(set(expected.values()))
+
+
+def test_spanning_edges_across_two_blocks_match_the_cross_pairs(sample):
+    stored = normalize(sample.embeddings)
+    rng = np.random.default_rng(3)
+    order = rng.permutation(len(stored))
+    left, right = order[:1500], order[1500:3500]
+    cross = {(min(i, j), max(i, j)) for (i, j) in brute_force_pairs(stored, 0.95)
+             if (i in set(left) and j in set(right)) or (j in set(left) and i in set(right))}
+    a, b, _ = kernels.spanning_edges(stored, left, right, 0.95, block_rows=100)
+    assert {(min(x, y), max(x, y)) for x, y in zip(a.tolist(), b.tolist())} <= cross
+    assert groups_of(list(zip(a.tolist(), b.tolist()))) == groups_of(cross)
+
+
+def test_spanning_edges_on_a_giant_group_stay_linear():
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal(32)
+    rows = normalize((base + 0.02 * rng.standard_normal((6000, 32))).astype(np.float32))
+    a, b, _ = kernels.spanning_edges(rows, np.arange(6000), None, 0.95, block_rows=512)
+    assert len(a) == 5999
+    assert len(set(groups_of(list(zip(a.tolist(), b.tolist()))).values())) == 1

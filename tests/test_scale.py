@@ -1,0 +1,139 @@
+"""Skew: giant components, giant groups, oversized buckets, low memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import output_groups, output_pairs, run_job
+from oracle import brute_force_pairs, groups_of, normalize
+
+from dedup_spark import config as config_module
+from dedup_spark.group import connected_components
+from dedup_spark.sample import SampleSpec, generate
+
+REPO = Path(__file__).resolve().parent.parent
+THRESHOLD = 0.95
+
+
+def spark_components(spark, a: np.ndarray, b: np.ndarray) -> tuple[dict, dict]:
+    edges = spark.createDataFrame(pd.DataFrame({"row_id_a": a.astype(np.int64), "row_id_b": b.astype(np.int64)}))
+    members, stats = connected_components(edges, config_module.JobConfig())
+    result = members.toPandas()
+    return dict(zip(result["row_id"].tolist(), result["group_id"].tolist())), stats
+
+
+@pytest.mark.parametrize("shape", ["path", "star"])
+def test_components_on_a_100k_path_and_a_100k_star(spark, shape):
+    n = 100_000
+    labels = np.random.default_rng(1).permutation(n) * 7 + 3  # node ids in no helpful order
+    if shape == "path":
+        a, b = labels[:-1], labels[1:]
+    else:
+        center = labels[n // 2]
+        leaves = np.delete(labels, n // 2)
+        a, b = np.full(n - 1, center), leaves
+    groups, stats = spark_components(spark, a, b)
+    print(shape, stats)
+    assert groups == groups_of(list(zip(a.tolist(), b.tolist())))
+    # Bounded rounds: O(log^2 n) worst case for large-star/small-star, far fewer in practice.
+    assert stats["rounds"] <= 2 * math.ceil(math.log2(n)), stats
+
+
+def giant_group_data(copies: int, others: int, dim: int, seed: int):
+    """``copies`` near-identical rows plus ``others`` CLIP-like rows, shuffled, with an exact oracle.
+
+    The oracle needs no all-pairs pass over the giant group: every copy lies within
+    half the threshold's angle of the base vector, so every two copies are >= the
+    threshold (triangle inequality on angles), and every other row lies farther than
+    1.5 times that angle from the base, so it is below the threshold to every copy.
+    Both facts are checked on the stored float16 values.
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(dim)
+    base /= np.linalg.norm(base)
+    group = base + 0.012 * rng.standard_normal((copies, dim))
+    rest = generate(SampleSpec(rows=others, dim=dim, seed=seed)).embeddings.astype(np.float32)
+    rows = np.concatenate([group, rest]).astype(np.float32)
+    order = rng.permutation(len(rows))
+    rows = rows[order]
+    stored = normalize(rows)
+    in_group = order < copies
+    half_angle = math.acos(THRESHOLD) / 2
+    to_base = stored.astype(np.float64) @ base
+    assert np.all(to_base[in_group] / np.linalg.norm(stored[in_group].astype(np.float64), axis=1) > math.cos(half_angle))
+    assert np.all(to_base[~in_group] < math.cos(3 * half_angle) - 1e-3)
+    other_ids = np.flatnonzero(~in_group)
+    group_ids = np.flatnonzero(in_group)
+    expected = groups_of(list(brute_force_pairs(stored[other_ids], THRESHOLD, other_ids)))
+    expected.update({int(i): int(group_ids.min()) for i in group_ids})
+    return rows, expected
+
+
+def write_npy_shards(rows: np.ndarray, root: Path, shard_rows: int) -> None:
+    root.mkdir(parents=True)
+    for index, start in enumerate(range(0, len(rows), shard_rows)):
+        np.save(root / f"part_{index}.npy", rows[start:start + shard_rows])
+
+
+def test_one_100k_copy_group_keeps_edges_linear(spark, tmp_path):
+    rows, expected = giant_group_data(copies=100_000, others=10_000, dim=32, seed=41)
+    write_npy_shards(rows, tmp_path / "in", 20_000)
+    out = tmp_path / "out"
+    # One bucket holding everything: exhaustive, so the groups must equal the oracle's exactly,
+    # and split into B blocks, searched as B(B+1)/2 tasks.
+    report = run_job(spark, tmp_path / "in", out, bucketing__k=1, search__max_task_rows=30_000)
+    assert output_groups(out) == expected
+    blocks = math.ceil(len(rows) / int(30_000 * 0.45))
+    assert report["bucketing"]["search_tasks"] == blocks * (blocks + 1) // 2
+    # Each task emits a forest (fewer edges than its rows), so edges written and shuffled into
+    # grouping are at most B x rows, against ~5e9 pairs inside the group.
+    assert report["search"]["edges_emitted"] < blocks * len(rows), report["search"]
+    assert report["search"]["pairs_written"] <= report["search"]["edges_emitted"]
+    assert report["accounting"]["kept_rows"] == len(rows) - (len(expected) - len(set(expected.values())))
+
+
+def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
+    sample = generate(SampleSpec(rows=3000, dim=32, seed=42))
+    write_npy_shards(sample.embeddings, tmp_path / "in", 1000)
+    out = tmp_path / "out"
+    report = run_job(spark, tmp_path / "in", out, bucketing__k=1, search__max_task_rows=500, output__pairs="all")
+    assert report["bucketing"]["split_buckets"] == 1 and report["bucketing"]["search_tasks"] > 50
+    assert report["bucketing"]["largest_task_rows"] <= 500
+    assert set(output_pairs(out)) == set(brute_force_pairs(normalize(sample.embeddings), THRESHOLD))
+
+
+def test_low_memory_run_with_a_50k_copy_group_and_an_oversized_cluster(tmp_path):
+    rows, expected = giant_group_data(copies=50_000, others=10_000, dim=32, seed=43)
+    write_npy_shards(rows, tmp_path / "in", 20_000)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
+         "--conf", "spark.executor.memory=1g", "--conf", "spark.ui.enabled=false",
+         str(REPO / "jobs" / "dedup.py"), "--input", str(tmp_path / "in"), "--output", str(out),
+         "--set", "bucketing.k=4", "--set", "search.max_task_rows=16000"],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["bucketing"]["bucket_sizes"]["max"] > report["bucketing"]["max_task_rows"], "a bucket must be oversized"
+    assert report["bucketing"]["split_buckets"] >= 1
+    assert report["bucketing"]["largest_task_rows"] <= report["bucketing"]["max_task_rows"] * 1.05
+    assert output_groups(out) == expected
+
+
+def test_the_task_cap_derives_from_memory_and_dimension():
+    config = config_module.JobConfig()
+    from dedup_spark.bucket import max_task_rows
+
+    small, large = max_task_rows(256 << 20, 768, config), max_task_rows(1 << 30, 768, config)
+    assert small < large and max_task_rows(256 << 20, 32, config) > small
+    assert small * (8 * 768 + 128) <= 128 << 20  # the rows fit in half of the task's memory
+    assert max_task_rows(1 << 30, 768, config.replace({"search.max_task_rows": 5000})) == 5000
