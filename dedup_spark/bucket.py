@@ -96,28 +96,46 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
     return centroids, {"k": int(centroids.shape[0]), "train_rows": int(points.shape[0])}
 
 
-_CENTROIDS: dict[str, np.ndarray] = {}
+def quantizer_kind(k: int, config: JobConfig) -> str:
+    """flat or hnsw: bucketing.assign, or auto (HNSW from bucketing.hnsw_min_k buckets up)."""
+    if config.bucketing.assign != "auto":
+        return config.bucketing.assign
+    return "hnsw" if k >= config.bucketing.hnsw_min_k else "flat"
 
 
-def _centroids(uri: str) -> np.ndarray:
-    """Centroids read once per Python worker from the model table written by the driver."""
-    if uri not in _CENTROIDS:
-        import io
+def save_quantizer(centroids: np.ndarray, kind: str, m: int, uri: str) -> None:
+    """Build the assignment index once, on the driver, and store it for the tasks."""
+    import faiss
 
-        _CENTROIDS[uri] = np.load(io.BytesIO(storage.read_bytes(uri)))
-    return _CENTROIDS[uri]
+    index = kernels.build_quantizer(centroids, kind, m)
+    storage.write_bytes(uri, faiss.serialize_index(index).tobytes())
 
 
-def assign(rows: DataFrame, centroids_uri: str, dim: int, m: int) -> DataFrame:
+_QUANTIZERS: dict[str, object] = {}
+
+
+def _quantizer(uri: str):
+    """The assignment index, read once per Python worker."""
+    if uri not in _QUANTIZERS:
+        import faiss
+
+        index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), dtype=np.uint8))
+        if hasattr(index, "hnsw"):
+            index.hnsw.efSearch = max(index.hnsw.efSearch, 64)
+        _QUANTIZERS[uri] = index
+    return _QUANTIZERS[uri]
+
+
+def assign(rows: DataFrame, quantizer_uri: str, dim: int, m: int) -> DataFrame:
     """Every valid row once per bucket among its top-m centroids (ASSIGNED_SCHEMA)."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        centroids = _centroids(centroids_uri)
+        quantizer = _quantizer(quantizer_uri)
         for batch in batches:
             if batch.num_rows == 0:
                 continue
             embeddings = binary_matrix(batch.column("embedding"), dim)
-            buckets = kernels.assign_buckets(embeddings, centroids, m)
+            buckets = kernels.assign_buckets(embeddings, quantizer, m)
             width = buckets.shape[1]
             repeat = np.repeat(np.arange(batch.num_rows), width)
             yield pa.RecordBatch.from_arrays(

@@ -62,6 +62,8 @@ class BucketingConfig:
     max_train_rows: int = 262144
     kmeans_iterations: int = 20
     seed: int = 0
+    assign: str = "auto"
+    hnsw_min_k: int = 8192
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,8 @@ def validate(config: JobConfig) -> None:
         (config.input.format in FORMATS, f"input.format must be one of {FORMATS}"),
         (config.output.pairs in PAIR_OUTPUTS, f"output.pairs must be one of {PAIR_OUTPUTS}"),
         (config.bucketing.method in BUCKETING_METHODS, f"bucketing.method must be one of {BUCKETING_METHODS}"),
+        (config.bucketing.assign in ("auto", "flat", "hnsw"), "bucketing.assign must be auto, flat or hnsw"),
+        (config.bucketing.hnsw_min_k >= 1, "bucketing.hnsw_min_k must be >= 1"),
         (config.keep.order in ("max", "min"), "keep.order must be max or min"),
         (config.input.binary_dtype in ("float16", "float32"), "input.binary_dtype must be float16 or float32"),
         (0.0 < config.search.threshold <= 1.0, "search.threshold must be in (0, 1]"),

@@ -68,17 +68,39 @@ def train_centroids(sample: np.ndarray, k: int, iterations: int, seed: int) -> n
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
-def assign_buckets(embeddings: np.ndarray, centroids: np.ndarray, m: int) -> np.ndarray:
-    """The ``m`` nearest centroids (largest inner product) of every row: n x m int64."""
+def build_quantizer(centroids: np.ndarray, kind: str, m: int = 1):
+    """A faiss index over the centroids: exact ("flat") or HNSW ("hnsw").
+
+    Flat assignment costs K*d per row; HNSW about log(K)*d*ef, which is what
+    makes K in the 10^5-10^6 range affordable. Either way the in-bucket search
+    stays exact: the quantizer only decides which buckets a row joins.
+    """
     import faiss
 
-    k = centroids.shape[0]
+    data = np.ascontiguousarray(centroids, dtype=np.float32)
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(data.shape[1], 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+        index.add(data)
+        index.hnsw.efSearch = max(64, 4 * m)
+        return index
+    index = faiss.IndexFlatIP(data.shape[1])
+    index.add(data)
+    return index
+
+
+def assign_buckets(embeddings: np.ndarray, quantizer, m: int) -> np.ndarray:
+    """The ``m`` nearest centroids (largest inner product) of every row: n x m int64.
+
+    ``quantizer``: a faiss index over the centroids, or the centroid matrix itself.
+    """
+    if isinstance(quantizer, np.ndarray):
+        quantizer = build_quantizer(quantizer, "flat")
+    k = quantizer.ntotal
     m = min(m, k)
     if m == k:
         return np.broadcast_to(np.arange(k, dtype=np.int64), (embeddings.shape[0], k)).copy()
-    index = faiss.IndexFlatIP(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    _, labels = index.search(np.ascontiguousarray(embeddings, dtype=np.float32), m)
+    _, labels = quantizer.search(np.ascontiguousarray(embeddings, dtype=np.float32), m)
     return labels.astype(np.int64)
 
 

@@ -141,6 +141,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
     valid_rows = read_result["valid_rows"]
     centroids_uri = storage.join(staged, "model", "centroids.npy")
+    quantizer_uri = storage.join(staged, "model", "quantizer.faiss")
 
     def train_stage() -> dict[str, Any]:
         if valid_rows:
@@ -153,14 +154,17 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         storage.write_json(storage.join(staged, "model", "manifest.json"), manifest.to_dict())
         k = int(centroids.shape[0])
         m = min(config.bucketing.m, k)
-        return {"rows": stats["train_rows"], "k": k, "m": m, "train_rows": stats["train_rows"], "note": f"K={k}, m={m}"}
+        kind = bucket.quantizer_kind(k, config)
+        bucket.save_quantizer(centroids, kind, m, quantizer_uri)
+        return {"rows": stats["train_rows"], "k": k, "m": m, "train_rows": stats["train_rows"], "assign": kind,
+                "note": f"K={k}, m={m}, {kind} assignment"}
 
     train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
     k, m = train_result["k"], train_result["m"]
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
-        info = tables.write_table(bucket.assign(valid, centroids_uri, dim, m), assigned_uri)
+        info = tables.write_table(bucket.assign(valid, quantizer_uri, dim, m), assigned_uri)
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
         _save_npy(storage.join(work, "bucket_sizes.npy"), sizes)
@@ -233,6 +237,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                         write_result["rows"]),
         "rejected_by_reason": read_result["reasons"],
         "bucketing": {"method": config.bucketing.method, "k": k, "m": m, "train_rows": train_result["train_rows"],
+                      "assign": train_result["assign"], "k_source": "config" if config.bucketing.k else "cost model",
                       "assigned_rows": assign_result["rows"],
                       "bucket_sizes": report.size_stats(list(bucket_sizes.values())),
                       "max_task_rows": cap, "search_tasks": search_result["tasks"],

@@ -159,3 +159,13 @@ def test_spanning_edges_on_a_giant_group_stay_linear():
     a, b, _ = kernels.spanning_edges(rows, np.arange(6000), None, 0.95, block_rows=512)
     assert len(a) == 5999
     assert len(set(groups_of(list(zip(a.tolist(), b.tolist()))).values())) == 1
+
+
+def test_hnsw_assignment_agrees_with_flat_for_large_k():
+    rng = np.random.default_rng(9)
+    centroids = normalize(rng.standard_normal((9000, 48)).astype(np.float32)).astype(np.float32)
+    rows = normalize(rng.standard_normal((2000, 48)).astype(np.float32))
+    flat = kernels.assign_buckets(rows, kernels.build_quantizer(centroids, "flat"), 2)
+    hnsw = kernels.assign_buckets(rows, kernels.build_quantizer(centroids, "hnsw", 2), 2)
+    agreement = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(flat, hnsw)])
+    assert agreement > 0.95, agreement

@@ -137,3 +137,15 @@ def test_the_task_cap_derives_from_memory_and_dimension():
     assert small < large and max_task_rows(256 << 20, 32, config) > small
     assert small * (8 * 768 + 128) <= 128 << 20  # the rows fit in half of the task's memory
     assert max_task_rows(1 << 30, 768, config.replace({"search.max_task_rows": 5000})) == 5000
+
+
+def test_hnsw_assignment_in_the_pipeline(spark, tmp_path):
+    sample = generate(SampleSpec(rows=4000, dim=32, seed=44))
+    write_npy_shards(sample.embeddings, tmp_path / "in", 2000)
+    out = tmp_path / "out"
+    report = run_job(spark, tmp_path / "in", out, bucketing__k=40, bucketing__assign="auto", bucketing__hnsw_min_k=32,
+                     output__pairs="all")
+    assert report["bucketing"]["assign"] == "hnsw"
+    oracle = set(brute_force_pairs(normalize(sample.embeddings), THRESHOLD))
+    found = set(output_pairs(out))
+    assert found <= oracle and len(found) / len(oracle) >= 0.97
