@@ -41,6 +41,10 @@ zip: install
 docker-demo:
 	docker compose -f docker/compose.yaml up --build --abort-on-container-exit --exit-code-from job
 
+# A benchmark, not a test: BENCH_ROWS (default 200000) rows of d=768 against exhaustive faiss and MLlib LSH.
+bench: install
+	@export JAVA_HOME=$$(scripts/find_java.sh) && $(PY) bench/run.py --rows $(BENCH_ROWS) $(BENCH_ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check .
 

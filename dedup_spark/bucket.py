@@ -156,6 +156,7 @@ class SearchPlan:
     tasks: int
     largest_task_rows: int
     split_buckets: int
+    comparisons: int  # row pairs whose similarity the search computes (each costs d multiply-adds)
 
 
 def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
@@ -164,6 +165,7 @@ def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
     task = 0
     largest = 0
     split = 0
+    comparisons = 0
     block_rows = max(1, int(cap * _BLOCK_FILL))
     for bucket_id, size in sorted(bucket_sizes.items()):
         count = 1 if size <= cap else math.ceil(size / block_rows)
@@ -172,8 +174,10 @@ def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
             routes.append((bucket_id, 0, task, 0))
             task += 1
             largest = max(largest, size)
+            comparisons += size * (size - 1) // 2
             continue
         split += 1
+        comparisons += size * (size - 1) // 2  # blocks by hash: every pair of the bucket, once
         largest = max(largest, 2 * math.ceil(size / count))
         for i in range(count):
             for j in range(i, count):
@@ -181,7 +185,7 @@ def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
                 if j != i:
                     routes.append((bucket_id, j, task, 1))
                 task += 1
-    return SearchPlan(blocks, routes, task, largest, split)
+    return SearchPlan(blocks, routes, task, largest, split, comparisons)
 
 
 def route(assigned: DataFrame, plan: SearchPlan, seed: int) -> DataFrame:

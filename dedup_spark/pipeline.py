@@ -185,6 +185,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                               task_memory // 2)
         info = tables.write_table(edges, edges_uri)
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
+                "comparisons": plan.comparisons,
                 "largest_task_rows": plan.largest_task_rows,
                 "note": f"{plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
 
@@ -243,7 +244,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                       "max_task_rows": cap, "search_tasks": search_result["tasks"],
                       "split_buckets": search_result["split_buckets"],
                       "largest_task_rows": search_result["largest_task_rows"]},
-        "search": {"edges_emitted": search_result["rows"], "pairs_written": group_result["pairs_rows"]},
+        "search": {"edges_emitted": search_result["rows"], "pairs_written": group_result["pairs_rows"],
+                   "comparisons": search_result["comparisons"]},
         "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
                    "cc_rounds": group_result["cc_rounds"]},
         "stages_reused": stages.reused,
