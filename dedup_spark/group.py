@@ -52,12 +52,15 @@ def _small_star(edges: DataFrame) -> DataFrame:
 
 
 def _is_star_forest(edges: DataFrame) -> bool:
-    """Every edge points to a smaller root, and every node has one parent: components are stars."""
+    """Every edge points to a smaller root, and every node has one parent: components are stars.
+
+    One Spark job: a node with two parents, or a parent that is itself a child, is a witness
+    that the alternation has not converged.
+    """
     parents = edges.groupBy("x").agg(F.count("*").alias("parents"))
-    if parents.where(F.col("parents") > 1).limit(1).count():
-        return False
-    roots = edges.select(F.col("y").alias("x")).distinct()
-    return roots.join(edges.select("x"), "x").limit(1).count() == 0
+    two_parents = parents.where(F.col("parents") > 1).select("x")
+    chained = edges.select(F.col("y").alias("x")).join(parents.select("x"), "x", "left_semi")
+    return two_parents.unionByName(chained).limit(1).count() == 0
 
 
 def connected_components(edges: DataFrame, config: JobConfig) -> tuple[DataFrame, dict]:
