@@ -5,6 +5,7 @@ The pipeline, one module per stage:
     bucket.py  k-means training on a sample, top-m assignment, search-task plan
     search.py  exact in-bucket search in tasks, local spanning forests
     group.py   connected components, keep policy, similarity to the kept row
+    estimate.py recall self-estimate from an exhaustively searched sample
     write.py   deduplicated shards, one per input shard
     report.py  counts, timings, the accounting check
     pipeline.py runs them in order and publishes the outputs

@@ -21,7 +21,7 @@ import yaml
 FORMATS = ("auto", "laion", "parquet", "npy")
 PAIR_OUTPUTS = ("all", "spanning", "none")
 BUCKETING_METHODS = ("kmeans",)
-STAGES = ("read", "train", "assign", "search", "group", "write")
+STAGES = ("read", "train", "assign", "search", "group", "estimate", "write")
 
 
 class ConfigError(ValueError):
@@ -73,6 +73,11 @@ class GroupConfig:
 
 
 @dataclass(frozen=True)
+class EstimateConfig:
+    sample_rows: int = 256
+
+
+@dataclass(frozen=True)
 class KeepConfig:
     expression: str | None = None
     order: str = "max"
@@ -107,6 +112,7 @@ class JobConfig:
     bucketing: BucketingConfig = field(default_factory=BucketingConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -218,6 +224,7 @@ def validate(config: JobConfig) -> None:
         (config.search.query_block_rows >= 1, "search.query_block_rows must be >= 1"),
         (config.group.max_rounds >= 1, "group.max_rounds must be >= 1"),
         (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),
+        (config.estimate.sample_rows >= 0, "estimate.sample_rows must be >= 0"),
         (config.run.fail_after_stage in (None, *STAGES), f"run.fail_after_stage must be one of {STAGES}"),
     ]
     for ok, message in checks:

@@ -31,7 +31,7 @@ import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import bucket, group, report, search, storage, tables, write
+from dedup_spark import bucket, estimate, group, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.read import build_manifest, read_metadata, read_rows
 
@@ -216,6 +216,20 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     group_result = stages.run("group", {"group": config.to_dict()["group"], "keep": config.to_dict()["keep"],
                                         "pairs": config.output.pairs}, group_stage)
 
+    def estimate_stage() -> dict[str, Any]:
+        if config.estimate.sample_rows == 0 or valid_rows == 0:
+            return {"rows": 0, "skipped": True}
+        started_at = time.perf_counter()
+        sample_pairs, sampled = estimate.sample_true_pairs(valid, config.estimate.sample_rows, valid_rows, dim, threshold,
+                                                           config.bucketing.seed)
+        pairs = tables.read_table(spark, storage.join(staged, "pairs")) if all_pairs else None
+        result = estimate.estimate_recall(sample_pairs, sampled, tables.read_table(spark, duplicates_uri), pairs)
+        result["seconds"] = round(time.perf_counter() - started_at, 3)
+        return {"rows": sampled, **result, "note": f"closure recall {result['closure_recall']} "
+                                                    f"(95% CI {result['closure_recall_ci95']})"}
+
+    estimate_result = stages.run("estimate", {"sample_rows": config.estimate.sample_rows}, estimate_stage)
+
     def write_stage() -> dict[str, Any]:
         duplicates = tables.read_table(spark, duplicates_uri, ["row_id", "is_kept"])
         positions = rows.select("row_id", "shard_id", "shard_row")
@@ -248,10 +262,13 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                    "comparisons": search_result["comparisons"]},
         "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
                    "cc_rounds": group_result["cc_rounds"]},
+        "recall_estimate": {k: v for k, v in estimate_result.items() if k not in ("rows", "note")},
         "stages_reused": stages.reused,
         "timings_seconds": dict(stages.timer.seconds),
     }
     result["timings_seconds"]["total"] = round(time.perf_counter() - started, 3)
+    if "seconds" in estimate_result:
+        result["recall_estimate"]["fraction_of_run"] = round(estimate_result["seconds"] / result["timings_seconds"]["total"], 4)
     storage.write_json(storage.join(staged, "report.json"), result)
     publish(config, staged)
     if not config.run.keep_work:

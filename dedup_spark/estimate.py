@@ -1,0 +1,100 @@
+"""Recall self-estimate: how many true pairs did the bucketed search miss, in this run?
+
+A seeded uniform sample of rows (``estimate.sample_rows``) is collected to the
+driver and shipped to the tasks, which compare it exhaustively with every row
+(one scan of the data, exact search as everywhere else). That yields every true
+pair involving a sampled row. Closure recall is the fraction of those pairs
+whose two rows ended in the same group; where ``output.pairs: all``, direct
+recall is the fraction found as pairs.
+
+The interval: pairs of one sampled row are correlated (a missed bucket loses a
+row's pairs together), so the estimate is a ratio over sampled rows,
+R = sum(closed_i) / sum(true_i), with the linearised variance
+sum((closed_i - R true_i)^2) / (s (s - 1) mean(true)^2) and a normal 95% interval,
+clipped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from dedup_spark import kernels
+from dedup_spark.tables import binary_matrix
+
+SAMPLE_PAIRS_SCHEMA = T.StructType([
+    T.StructField("sample_row_id", T.LongType(), False),
+    T.StructField("row_id", T.LongType(), False),
+])
+
+
+def ratio_interval(closed: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
+    """Ratio estimate and its 95% interval from per-sampled-row counts."""
+    total = true.sum()
+    if total == 0:
+        return 1.0, 1.0, 1.0
+    ratio = closed.sum() / total
+    rows = len(true)
+    if rows < 2:
+        return float(ratio), 0.0, 1.0
+    variance = np.sum((closed - ratio * true) ** 2) / (rows * (rows - 1) * true.mean() ** 2)
+    half = 1.96 * math.sqrt(variance)
+    return float(ratio), float(max(0.0, ratio - half)), float(min(1.0, ratio + half))
+
+
+def sample_true_pairs(valid: DataFrame, sample_rows: int, valid_count: int, dim: int, threshold: float,
+                      seed: int) -> tuple[DataFrame, int]:
+    """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row."""
+    fraction = min(1.0, 1.5 * sample_rows / max(1, valid_count))
+    picked = valid.sample(fraction=fraction, seed=seed + 1).toArrow()
+    ids = picked.column("row_id").to_numpy()[:sample_rows]
+    sample = binary_matrix(picked.column("embedding"), dim)[:sample_rows].copy()
+
+    def scan(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            rows = binary_matrix(batch.column("embedding"), dim)
+            row_ids = batch.column("row_id").to_numpy()
+            for i, j, _ in kernels.search_pairs(sample, rows, threshold):
+                other = row_ids[j]
+                keep = other != ids[i]
+                yield pa.RecordBatch.from_arrays([pa.array(ids[i][keep]), pa.array(other[keep])],
+                                                 names=SAMPLE_PAIRS_SCHEMA.names)
+
+    return valid.mapInArrow(scan, SAMPLE_PAIRS_SCHEMA), len(ids)
+
+
+def estimate_recall(sample_pairs: DataFrame, sampled: int, duplicates: DataFrame, pairs: DataFrame | None) -> dict:
+    """Closure (and direct, when ``pairs`` holds every found pair) recall with 95% intervals."""
+    groups = duplicates.select("row_id", "group_id")
+    joined = (sample_pairs
+              .join(groups.withColumnRenamed("row_id", "sample_row_id").withColumnRenamed("group_id", "g_a"),
+                    "sample_row_id", "left")
+              .join(groups.withColumnRenamed("group_id", "g_b"), "row_id", "left")
+              .withColumn("closed", (F.col("g_a").isNotNull() & (F.col("g_a") == F.col("g_b"))).cast("long")))
+    if pairs is not None:
+        found = pairs.select(F.col("row_id_a").alias("lo"), F.col("row_id_b").alias("hi"), F.lit(1).alias("found"))
+        joined = (joined.withColumn("lo", F.least("sample_row_id", "row_id"))
+                  .withColumn("hi", F.greatest("sample_row_id", "row_id"))
+                  .join(found, ["lo", "hi"], "left").withColumn("found", F.coalesce("found", F.lit(0))))
+    else:
+        joined = joined.withColumn("found", F.lit(0))
+    per_row = joined.groupBy("sample_row_id").agg(F.count("*").alias("true"), F.sum("closed").alias("closed"),
+                                                  F.sum("found").alias("found")).collect()
+    true = np.array([r["true"] for r in per_row] + [0] * (sampled - len(per_row)), dtype=np.float64)
+    closed = np.array([r["closed"] for r in per_row] + [0] * (sampled - len(per_row)), dtype=np.float64)
+    closure, low, high = ratio_interval(closed, true)
+    result = {"sample_rows": sampled, "true_pairs_seen": int(true.sum()),
+              "closure_recall": round(closure, 5), "closure_recall_ci95": [round(low, 5), round(high, 5)]}
+    if pairs is not None:
+        found = np.array([r["found"] for r in per_row] + [0] * (sampled - len(per_row)), dtype=np.float64)
+        direct, low, high = ratio_interval(found, true)
+        result.update(direct_recall=round(direct, 5), direct_recall_ci95=[round(low, 5), round(high, 5)])
+    return result
