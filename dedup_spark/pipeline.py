@@ -1,4 +1,4 @@
-"""The job, stage by stage: read -> train -> assign -> search -> group -> write -> report.
+"""The job, stage by stage: read -> train -> assign -> search -> group -> estimate -> write -> report.
 
 Stage results live under the run's work prefix (``run.work_dir``, default
 ``<output>/_work``). Each completed stage writes ``stages/<name>.json`` with a
