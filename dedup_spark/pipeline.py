@@ -123,10 +123,12 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         info = tables.write_table(read_rows(spark, manifest, config), rows_uri)
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
-        reasons_df = tables.read_table(spark, rows_uri, ["reject_reason"]).where(F.col("reject_reason").isNotNull())
-        reasons = {r["reject_reason"]: r["count"] for r in reasons_df.groupBy("reject_reason").count().collect()}
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
-        tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull()), storage.join(staged, "rejected"))
+        rejected_uri = storage.join(staged, "rejected")
+        tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull()), rejected_uri)
+        # Counted from the rejected table just written: it holds only the rejected rows.
+        by_reason = tables.read_table(spark, rejected_uri, ["reject_reason"]).groupBy("reject_reason").count()
+        reasons = {r["reject_reason"]: r["count"] for r in by_reason.collect()}
         if config.input.id_column:
             ids = tables.read_table(spark, rows_uri, ["row_id"]).where(F.col("row_id").isNotNull())
             clash = ids.groupBy("row_id").count().where(F.col("count") > 1).limit(5).collect()
@@ -262,7 +264,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                    "comparisons": search_result["comparisons"]},
         "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
                    "cc_rounds": group_result["cc_rounds"]},
-        "recall_estimate": {k: v for k, v in estimate_result.items() if k not in ("rows", "note")},
+        "recall_estimate": {key: value for key, value in estimate_result.items() if key not in ("rows", "note")},
         "stages_reused": stages.reused,
         "timings_seconds": dict(stages.timer.seconds),
     }

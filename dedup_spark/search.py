@@ -43,11 +43,7 @@ def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all
         right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
         a, b, similarity = kernels.spanning_edges(embeddings, left_nodes, right_nodes, threshold, block_rows, block_memory)
         if len(a):
-            id_a, id_b = row_ids[a], row_ids[b]
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
-                 pa.array(np.ones(len(a), dtype=bool))],
-                names=EDGES_SCHEMA.names)
+            yield _edges_batch(row_ids, a, b, similarity, np.ones(len(a), dtype=bool))
         return
     if right_mask.any():
         left_index, right_index = np.flatnonzero(~right_mask), np.flatnonzero(right_mask)
@@ -60,12 +56,17 @@ def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all
         a, b = left_index[i], right_index[j]
         spanning = np.zeros(len(a), dtype=bool)
         spanning[forest.add(a, b, similarity)] = True
-        id_a, id_b = row_ids[a], row_ids[b]
-        yield pa.RecordBatch.from_arrays(
-            [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
-             pa.array(spanning)],
-            names=EDGES_SCHEMA.names,
-        )
+        yield _edges_batch(row_ids, a, b, similarity, spanning)
+
+
+def _edges_batch(row_ids: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: np.ndarray,
+                 spanning: np.ndarray) -> pa.RecordBatch:
+    """EDGES_SCHEMA rows for local node pairs (a, b), as row ids with row_id_a < row_id_b."""
+    id_a, id_b = row_ids[a], row_ids[b]
+    return pa.RecordBatch.from_arrays(
+        [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
+         pa.array(spanning)],
+        names=EDGES_SCHEMA.names)
 
 
 def search(routed: DataFrame, dim: int, threshold: float, block_rows: int, all_pairs: bool, partitions: int,
