@@ -55,3 +55,50 @@ def accounting(input_rows: int, kept: int, removed: int, rejected: int, written:
         raise AccountingError(f"accounting failed: input {input_rows} != kept {kept} + removed {removed} + "
                               f"rejected {rejected}, or dedup/ holds {written} rows instead of {kept}")
     return result
+
+
+LARGEST_GROUPS = 50
+# Metadata shown for the largest groups, first match wins per role.
+_SHOWN_COLUMNS = {"key": ("key", "id", "uid"), "caption": ("caption", "text", "title"), "url": ("url", "image_url")}
+
+
+def dataset_views(duplicates, metadata, bucket_sizes: list[int]) -> dict[str, Any]:
+    """Small summaries for the report, computed in Spark and collected: the group-size
+    distribution, the bucket-size distribution, and the largest groups with the metadata
+    of their kept row and of their least similar member."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    kept = duplicates.where("is_kept")
+    by_size = kept.groupBy("group_size").count().orderBy("group_size").collect()
+    largest = kept.orderBy(F.desc("group_size"), "group_id").limit(LARGEST_GROUPS).select("group_id", "group_size").collect()
+    groups = [{"group_id": int(r["group_id"]), "size": int(r["group_size"])} for r in largest]
+    if groups:
+        wanted = duplicates.sparkSession.createDataFrame([(g["group_id"],) for g in groups], "group_id long")
+        ranked = (duplicates.join(F.broadcast(wanted), "group_id")
+                  .withColumn("rank", F.row_number().over(Window.partitionBy("group_id").orderBy(
+                      F.desc("is_kept"), "similarity_to_kept", "row_id")))
+                  .where("rank <= 2"))
+        shown_columns = []
+        if metadata is not None:
+            for role, names in _SHOWN_COLUMNS.items():
+                name = next((n for n in names if n in metadata.columns and n != "row_id"), None)
+                if name:
+                    shown_columns.append(F.col(name).cast("string").alias(role))
+            info = metadata.select("row_id", *shown_columns) if shown_columns else None
+            if info is not None:
+                ranked = ranked.join(info, "row_id", "left")
+        members: dict[int, list[dict]] = {}
+        for row in ranked.orderBy("group_id", "rank").collect():
+            entry = {"row_id": int(row["row_id"]), "is_kept": bool(row["is_kept"]),
+                     "similarity_to_kept": round(float(row["similarity_to_kept"]), 4)}
+            entry.update({role: row[role] for role in _SHOWN_COLUMNS if role in row.asDict()})
+            members.setdefault(int(row["group_id"]), []).append(entry)
+        for entry in groups:
+            entry["members"] = members.get(entry["group_id"], [])
+    sizes = np.asarray(bucket_sizes, dtype=np.int64)
+    edges = [1 << i for i in range(int(np.log2(max(1, sizes.max()))) + 2)] if sizes.size else [1, 2]
+    counts, _ = np.histogram(sizes, bins=edges) if sizes.size else (np.zeros(1, np.int64), None)
+    return {"group_sizes": [[int(r["group_size"]), int(r["count"])] for r in by_size],
+            "bucket_size_histogram": {"edges": edges, "counts": [int(c) for c in counts]},
+            "largest_groups": groups}
