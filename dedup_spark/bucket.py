@@ -9,9 +9,11 @@ B(B-1)/2 block-pair tasks, so the search stays exact inside the bucket.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +23,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import kernels, storage
-from dedup_spark.config import JobConfig
-from dedup_spark.tables import binary_matrix
+from dedup_spark.config import ConfigError, JobConfig
+from dedup_spark.tables import binary_matrix, packed_binary
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,8 @@ ASSIGNED_SCHEMA = T.StructType([
     T.StructField("bucket_id", T.IntegerType(), False),
     T.StructField("row_id", T.LongType(), False),
     T.StructField("embedding", T.BinaryType(), False),
+    # All the row's bucket ids (sorted int32), for the search's ownership rule.
+    T.StructField("buckets", T.BinaryType(), False),
 ])
 # Fraction of max_task_rows one block aims at; hashing makes block sizes vary a little.
 _BLOCK_FILL = 0.45
@@ -80,20 +84,100 @@ def _parse_bytes(text: str) -> float:
     return float(text)
 
 
-def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, config: JobConfig) -> tuple[np.ndarray, dict]:
-    """Spherical k-means centroids from a bounded sample collected to the driver."""
-    k = choose_k(valid_rows, config)
-    if k == 1 or config.bucketing.m >= k:
-        # Every row goes to every bucket anyway: no training needed.
-        return np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)), {"k": k, "train_rows": 0}
+MODEL_FILE = "bucketing.json"
+
+
+@dataclass(frozen=True)
+class BucketModel:
+    """How rows are bucketed: ``rounds`` independent bucketings of ``buckets_per_round``
+    buckets each; a row joins ``m`` buckets per round. Global bucket id =
+    round * buckets_per_round + bucket within the round (for k-means, the row of
+    ``model/centroids.npy``)."""
+
+    method: str  # kmeans | lsh
+    buckets_per_round: int
+    m: int
+    rounds: int
+    assign: str  # flat | hnsw (k-means) or lsh
+    train_rows: int = 0
+
+    @property
+    def width(self) -> int:
+        """Buckets per row over all rounds."""
+        return self.rounds * self.m
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def rounds_for(config: JobConfig) -> int:
+    """bucketing.rounds, or its default: 1 k-means bucketing, 8 LSH tables."""
+    if config.bucketing.rounds is not None:
+        return config.bucketing.rounds
+    return 8 if config.bucketing.method == "lsh" else 1
+
+
+def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, config: JobConfig, model_uri: str) -> BucketModel:
+    """Learn the bucketing on a bounded sample collected to the driver and store it under ``model_uri``.
+
+    k-means: ``rounds`` spherical k-means runs (seeds seed, seed+1, ...) on one
+    sample. LSH: ``rounds`` tables of log2(K) random hyperplanes through the
+    sample's mean.
+    """
+    import faiss
+
+    rounds = rounds_for(config)
+    k = choose_k(max(1, valid_rows), config)
+    sample = np.zeros((0, dim), dtype=np.float32)
+    if config.bucketing.method == "lsh":
+        bits = max(1, int(round(math.log2(max(2, k)))))
+        if bits > 24 or rounds << bits >= 2**31:
+            raise ConfigError(f"LSH with {bits} bits and {rounds} tables exceeds the bucket id range; set bucketing.k lower")
+        if valid_rows:
+            sample = _training_sample(rows, valid_rows, dim, k, config)
+        center = sample.mean(axis=0) if len(sample) else np.zeros(dim, dtype=np.float32)
+        planes = np.stack([np.random.default_rng(config.bucketing.seed + r).standard_normal((bits, dim))
+                           for r in range(rounds)]).astype(np.float32)
+        _save_array(storage.join(model_uri, "lsh_center.npy"), center.astype(np.float32))
+        _save_array(storage.join(model_uri, "lsh_planes.npy"), planes)
+        model = BucketModel("lsh", 1 << bits, min(config.bucketing.m, bits + 1), rounds, "lsh", len(sample))
+    else:
+        if valid_rows == 0 or k == 1 or config.bucketing.m >= k:
+            # Every row goes to every bucket anyway: no training needed.
+            centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
+        else:
+            sample = _training_sample(rows, valid_rows, dim, k, config)
+            centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations, config.bucketing.seed + r)
+                         for r in range(rounds)]
+        k = int(centroids[0].shape[0])
+        m = min(config.bucketing.m, k)
+        kind = quantizer_kind(k, config)
+        for r, round_centroids in enumerate(centroids):
+            index = kernels.build_quantizer(round_centroids, kind, m)
+            storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
+        _save_array(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
+        model = BucketModel("kmeans", k, m, rounds, kind, len(sample))
+    storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
+    return model
+
+
+def _training_sample(rows: DataFrame, valid_rows: int, dim: int, k: int, config: JobConfig) -> np.ndarray:
     target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
     fraction = min(1.0, 1.3 * target / max(1, valid_rows))
     # A Bernoulli sample of ~1.3x the target, trimmed here: a Spark limit() would cut
     # the Python workers' pipes mid-stream.
     sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").toArrow()
-    points = binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
-    centroids = kernels.train_centroids(points, k, config.bucketing.kmeans_iterations, config.bucketing.seed)
-    return centroids, {"k": int(centroids.shape[0]), "train_rows": int(points.shape[0])}
+    return binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
+
+
+def _save_array(uri: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    storage.write_bytes(uri, buffer.getvalue())
+
+
+def _load_array(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
 def quantizer_kind(k: int, config: JobConfig) -> str:
@@ -103,44 +187,57 @@ def quantizer_kind(k: int, config: JobConfig) -> str:
     return "hnsw" if k >= config.bucketing.hnsw_min_k else "flat"
 
 
-def save_quantizer(centroids: np.ndarray, kind: str, m: int, uri: str) -> None:
-    """Build the assignment index once, on the driver, and store it for the tasks."""
-    import faiss
-
-    index = kernels.build_quantizer(centroids, kind, m)
-    storage.write_bytes(uri, faiss.serialize_index(index).tobytes())
+_ASSIGNERS: dict[str, tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]] = {}
 
 
-_QUANTIZERS: dict[str, object] = {}
+def load_model(model_uri: str) -> tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]:
+    """The stored bucketing and a function from unit rows to their global bucket ids
+    (n x width, sorted), read once per Python worker."""
+    if model_uri in _ASSIGNERS:
+        return _ASSIGNERS[model_uri]
+    model = BucketModel(**storage.read_json(storage.join(model_uri, MODEL_FILE)))
+    if model.method == "lsh":
+        center = _load_array(storage.join(model_uri, "lsh_center.npy"))
+        planes = _load_array(storage.join(model_uri, "lsh_planes.npy"))
 
-
-def _quantizer(uri: str):
-    """The assignment index, read once per Python worker."""
-    if uri not in _QUANTIZERS:
+        def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
+            return kernels.lsh_buckets(embeddings, center, planes[r], model.m)
+    else:
         import faiss
 
-        index = faiss.deserialize_index(np.frombuffer(storage.read_bytes(uri), dtype=np.uint8))
-        if hasattr(index, "hnsw"):
-            index.hnsw.efSearch = max(index.hnsw.efSearch, 64)
-        _QUANTIZERS[uri] = index
-    return _QUANTIZERS[uri]
+        quantizers = []
+        for r in range(model.rounds):
+            raw = storage.read_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"))
+            index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
+            if hasattr(index, "hnsw"):
+                index.hnsw.efSearch = max(index.hnsw.efSearch, 64)
+            quantizers.append(index)
+
+        def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
+            return kernels.assign_buckets(embeddings, quantizers[r], model.m)
+
+    def assign_rows(embeddings: np.ndarray) -> np.ndarray:
+        ids = [per_round(embeddings, r) + r * model.buckets_per_round for r in range(model.rounds)]
+        return np.sort(np.concatenate(ids, axis=1), axis=1)
+
+    _ASSIGNERS[model_uri] = (model, assign_rows)
+    return _ASSIGNERS[model_uri]
 
 
-def assign(rows: DataFrame, quantizer_uri: str, dim: int, m: int) -> DataFrame:
-    """Every valid row once per bucket among its top-m centroids (ASSIGNED_SCHEMA)."""
+def assign(rows: DataFrame, model_uri: str, dim: int) -> DataFrame:
+    """Every valid row once per bucket it joins (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        quantizer = _quantizer(quantizer_uri)
+        _, assign_rows = load_model(model_uri)
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            embeddings = binary_matrix(batch.column("embedding"), dim)
-            buckets = kernels.assign_buckets(embeddings, quantizer, m)
+            buckets = assign_rows(binary_matrix(batch.column("embedding"), dim)).astype(np.int32)
             width = buckets.shape[1]
             repeat = np.repeat(np.arange(batch.num_rows), width)
             yield pa.RecordBatch.from_arrays(
-                [pa.array(buckets.reshape(-1).astype(np.int32)), batch.column("row_id").take(repeat),
-                 batch.column("embedding").take(repeat)],
+                [pa.array(buckets.reshape(-1)), batch.column("row_id").take(repeat),
+                 batch.column("embedding").take(repeat), packed_binary(buckets).take(pa.array(repeat))],
                 names=ASSIGNED_SCHEMA.names,
             )
 
@@ -195,4 +292,5 @@ def route(assigned: DataFrame, plan: SearchPlan, seed: int) -> DataFrame:
     routes = spark.createDataFrame(plan.routes, "bucket_id int, block int, task_id int, side int")
     with_block = assigned.join(F.broadcast(blocks), "bucket_id").withColumn(
         "block", F.pmod(F.xxhash64(F.col("row_id"), F.lit(seed)), F.col("blocks")).cast("int"))
-    return with_block.join(F.broadcast(routes), ["bucket_id", "block"]).select("task_id", "side", "row_id", "embedding")
+    return with_block.join(F.broadcast(routes), ["bucket_id", "block"]).select(
+        "task_id", "bucket_id", "side", "row_id", "embedding", "buckets")

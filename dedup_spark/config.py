@@ -20,7 +20,7 @@ import yaml
 
 FORMATS = ("auto", "laion", "parquet", "npy")
 PAIR_OUTPUTS = ("all", "spanning", "none")
-BUCKETING_METHODS = ("kmeans",)
+BUCKETING_METHODS = ("kmeans", "lsh")
 STAGES = ("read", "train", "assign", "search", "group", "estimate", "write")
 
 
@@ -49,6 +49,7 @@ class OutputConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     threshold: float = 0.95
+    thresholds: list[float] = field(default_factory=list)
     max_task_rows: int | None = None
     query_block_rows: int = 1024
 
@@ -58,6 +59,7 @@ class BucketingConfig:
     method: str = "kmeans"
     k: int | None = None
     m: int = 2
+    rounds: int | None = None
     points_per_centroid: int = 64
     max_train_rows: int = 262144
     kmeans_iterations: int = 20
@@ -156,6 +158,15 @@ def _coerce(section: str, name: str, hint: Any, value: Any) -> Any:
             return None
         raise ConfigError(f"{where} must not be null")
     origin = typing.get_origin(base)
+    if origin is list:
+        if isinstance(value, str):  # "0.90,0.92" from the command line
+            value = [yaml.safe_load(item) for item in value.split(",") if item.strip()]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item_hint = typing.get_args(base)[0]
+        return [_coerce(section, name, item_hint, item) for item in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
@@ -213,6 +224,10 @@ def validate(config: JobConfig) -> None:
         (config.keep.order in ("max", "min"), "keep.order must be max or min"),
         (config.input.binary_dtype in ("float16", "float32"), "input.binary_dtype must be float16 or float32"),
         (0.0 < config.search.threshold <= 1.0, "search.threshold must be in (0, 1]"),
+        (all(config.search.threshold <= t <= 1.0 for t in config.search.thresholds),
+         f"search.thresholds must all lie in [search.threshold, 1] = [{config.search.threshold}, 1] (one search at "
+         "search.threshold serves every higher threshold); lower search.threshold (--threshold) to calibrate below it"),
+        (config.bucketing.rounds is None or config.bucketing.rounds >= 1, "bucketing.rounds must be >= 1"),
         (config.input.chunk_rows >= 1, "input.chunk_rows must be >= 1"),
         (config.input.dim is None or config.input.dim >= 1, "input.dim must be >= 1"),
         (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),

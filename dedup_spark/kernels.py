@@ -11,6 +11,7 @@ depend on BLAS blocking, thread count or how a bucket was split.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -212,6 +213,225 @@ def _exact_band(scores: np.ndarray, left: np.ndarray, right: np.ndarray, rows: n
         scores[band_r, band_c] = np.where(exact >= threshold, threshold + 2 * margin, -np.inf)
 
 
+def owned(buckets: np.ndarray, bucket_id: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Which pairs (a[i], b[i]) this bucket owns: those whose rows share no smaller bucket id.
+
+    ``buckets``: every point's bucket ids (n x w). A pair that meets in several
+    buckets (soft assignment, several rounds) is found by each of them but
+    counted and emitted only by the smallest, so counts need no global
+    de-duplication. Evaluated on found pairs only (w^2 compares each), never
+    on the whole similarity block.
+    """
+    left, right = buckets[a], buckets[b]
+    shared = np.zeros(len(a), dtype=bool)
+    for slot in range(left.shape[1]):
+        candidate = left[:, slot]
+        lower = candidate < bucket_id
+        if lower.any():
+            shared |= lower & (right == candidate[:, None]).any(axis=1)
+    return ~shared
+
+
+def _owned_mask(buckets: np.ndarray, bucket_id: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``owned`` for a whole block: False where the row and column share a smaller bucket."""
+    row_buckets, col_buckets = buckets[rows], buckets[cols]
+    mask = np.ones((rows.size, cols.size), dtype=bool)
+    lower_values = np.intersect1d(row_buckets[row_buckets < bucket_id], col_buckets[col_buckets < bucket_id])
+    for value in lower_values:
+        mask &= ~((row_buckets == value).any(axis=1)[:, None] & (col_buckets == value).any(axis=1)[None, :])
+    return mask
+
+
+def _lower_sharing(buckets: np.ndarray, bucket_id: int, rows: np.ndarray, cols: np.ndarray) -> str:
+    """How a block's pairs share buckets smaller than this one: "none" (all owned here),
+    "all" (every row and column is in one common smaller bucket: none owned here) or "some"."""
+    row_lower = np.where(buckets[rows] < bucket_id, buckets[rows], -1)
+    col_lower = np.where(buckets[cols] < bucket_id, buckets[cols], -1)
+    if not (row_lower >= 0).any() or not (col_lower >= 0).any():
+        return "none"
+    for candidate in np.unique(row_lower[0][row_lower[0] >= 0]):
+        if (row_lower == candidate).any(axis=1).all() and (col_lower == candidate).any(axis=1).all():
+            return "all"
+    return "some"
+
+
+_DENSE_HITS = 1 << 16
+_DENSE_STRIDE = 16
+
+
+def _scale_counts(counts: np.ndarray, total: int) -> np.ndarray:
+    """``counts`` scaled to sum exactly to ``total`` (largest remainders round up)."""
+    if counts.sum() == 0:
+        return np.zeros_like(counts)
+    scaled = counts * (total / counts.sum())
+    floor = np.floor(scaled).astype(np.int64)
+    short = total - int(floor.sum())
+    floor[np.argsort(floor - scaled)[:short]] += 1
+    return floor
+
+
+def _bin_counts(values: np.ndarray, threshold: float, bin_width: float, bins: int) -> np.ndarray:
+    index = ((values - np.float32(threshold)) * np.float32(1.0 / bin_width)).astype(np.int32)
+    return np.bincount(np.clip(index, 0, bins - 1), minlength=bins)
+
+
+@dataclass
+class GraphSearchResult:
+    """What one search task found, in local node indices."""
+
+    # One spanning forest per threshold: (a, b, exact similarity) edges.
+    forests: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    # Owned pairs >= each threshold (each pair counted by one bucket only).
+    pair_counts: np.ndarray
+    # Owned pairs >= thresholds[0] per similarity bin (``histogram_bins`` equal bins over [thresholds[0], 1]).
+    # Exact, except in blocks with over 65,536 pairs (giant groups), whose shape is binned from every
+    # 16th row and scaled to the block's exact count.
+    histogram: np.ndarray
+    # Every owned pair >= thresholds[0] as (a, b, similarity), when asked for.
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def histogram_edges(threshold: float, bins: int) -> np.ndarray:
+    """Bin edges of the similarity histogram: ``bins`` equal bins from the threshold to 1."""
+    return np.linspace(threshold, 1.0, bins + 1)
+
+
+def graph_search(
+    points: np.ndarray,
+    left: np.ndarray,
+    right: np.ndarray | None,
+    thresholds: list[float] | np.ndarray,
+    block_rows: int = 1024,
+    memory_bytes: int = 256 << 20,
+    buckets: np.ndarray | None = None,
+    bucket_id: int = 0,
+    emit_pairs: bool = False,
+    histogram_bins: int = 100,
+) -> GraphSearchResult:
+    """Spanning forests of the >= threshold graphs, for several thresholds, from one set of matrix products.
+
+    ``points``: unit rows (float16). ``left``/``right``: node indices into
+    ``points``; ``right is None`` searches pairs inside ``left``, otherwise pairs
+    across the two. ``thresholds``: ascending; the first is the search
+    threshold. ``buckets``/``bucket_id``: every point's bucket ids and this
+    task's bucket, for the ownership rule of ``owned`` (None: all owned).
+
+    Guarantee per threshold: the components of the returned forest equal those
+    of all pairs >= that threshold (closure identical to an exhaustive search),
+    and the forest has fewer edges than points. For each block of query rows,
+    every row repeatedly links to its most similar neighbour outside its current
+    component, and so does every column, until none is left (Boruvka rounds: the
+    components touched at least halve each round). Memory is O(block x columns)
+    whatever the number of pairs, so a 100,000-copy group costs its matrix
+    products and nothing more. Each threshold's decisions are exact (float64
+    near the threshold), so a threshold's forest is the one a search at that
+    threshold alone would return.
+    """
+    thresholds = [float(t) for t in thresholds]
+    forests = [SpanningForest(points.shape[0]) for _ in thresholds]
+    chosen: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in thresholds]
+    pair_counts = np.zeros(len(thresholds), dtype=np.int64)
+    histogram = np.zeros(histogram_bins, dtype=np.int64)
+    bin_width = (1.0 - thresholds[0]) / histogram_bins if thresholds[0] < 1.0 else 1.0
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    as32 = np.ascontiguousarray(points, dtype=np.float32)
+    same = right is None
+    columns_all = left if same else right
+    margin = similarity_margin(points.shape[1])
+    # Bytes per similarity cell while a block is live: scores and masks, and where every cell is a
+    # hit (a giant group) the found pairs' indices, values and bins; 8 more per extra threshold's copy.
+    per_cell = 48 + 8 * (len(thresholds) - 1)
+    step = int(max(16, min(block_rows, memory_bytes // max(1, per_cell * len(columns_all)))))
+    for start in range(0, len(left), step):
+        rows = left[start:start + step]
+        cols = left[start:] if same else right
+        raw = as32[rows] @ as32[cols].T
+        if same:  # only pairs (i, j) with j after i: the block's own square keeps its upper triangle
+            raw[:, :len(rows)][np.tril(np.ones((len(rows), len(rows)), dtype=bool))] = -np.inf
+        sharing = "none" if buckets is None else _lower_sharing(buckets, bucket_id, rows, cols)
+        own_mask = kept_r = kept_c = None
+        for level, threshold in enumerate(thresholds):
+            scores = raw if level == len(thresholds) - 1 else raw.copy()
+            _exact_band(scores, points, points, rows, cols, threshold, margin)
+            hits = scores >= threshold
+            if sharing == "all":
+                pass  # every pair of the block meets in a smaller bucket, which counts it
+            elif level > 0:
+                # A pair >= a higher threshold is also >= the first: count among the owned ones.
+                if kept_r is not None:
+                    pair_counts[level] += int(np.count_nonzero(hits[kept_r, kept_c]))
+                else:
+                    pair_counts[level] += int(np.count_nonzero(hits if own_mask is None else hits & own_mask))
+            else:
+                if sharing == "some" and np.count_nonzero(hits) * 8 > hits.size:
+                    # Dense hits (a giant group): one mask per shared smaller bucket beats per-pair checks.
+                    own_mask = _owned_mask(buckets, bucket_id, rows, cols)
+                counted = hits if own_mask is None else hits & own_mask
+                if emit_pairs or (sharing == "some" and own_mask is None):
+                    kept_r, kept_c = np.nonzero(counted)
+                    if sharing == "some" and own_mask is None and kept_r.size:
+                        mine = owned(buckets, bucket_id, rows[kept_r], cols[kept_c])
+                        kept_r, kept_c = kept_r[mine], kept_c[mine]
+                    pair_counts[0] += kept_r.size
+                    if kept_r.size:
+                        values = scores[kept_r, kept_c].astype(np.float64)
+                        histogram += _bin_counts(values, threshold, bin_width, histogram_bins)
+                        if emit_pairs:
+                            # Scores settled in float64 were set to threshold + 2 margin: give them their exact value.
+                            settled = values == np.float32(threshold + 2 * margin)
+                            if settled.any():
+                                values[settled] = np.einsum(
+                                    "ij,ij->i", points[rows[kept_r[settled]]].astype(np.float64),
+                                    points[cols[kept_c[settled]]].astype(np.float64))
+                            pairs.append((rows[kept_r], cols[kept_c], values.astype(np.float32)))
+                else:
+                    # No pair indices materialised: a giant group's blocks are all hits.
+                    found = int(np.count_nonzero(counted))
+                    pair_counts[0] += found
+                    if found > _DENSE_HITS:
+                        # Binning every hit would cost more than the matrix product: bin every
+                        # _DENSE_STRIDE-th row and scale to the exact total.
+                        sampled = _bin_counts(scores[::_DENSE_STRIDE][counted[::_DENSE_STRIDE]], threshold, bin_width,
+                                              histogram_bins)
+                        histogram += _scale_counts(sampled, found)
+                    elif found:
+                        histogram += _bin_counts(scores[counted], threshold, bin_width, histogram_bins)
+            _link_block(forests[level], chosen[level], scores, hits, rows, cols, threshold)
+    result = []
+    for picked in chosen:
+        if not picked:
+            empty = np.zeros(0, dtype=np.int64)
+            result.append((empty, empty, np.zeros(0, dtype=np.float32)))
+            continue
+        a = np.concatenate([p[0] for p in picked])
+        b = np.concatenate([p[1] for p in picked])
+        similarity = np.einsum("ij,ij->i", points[a].astype(np.float64), points[b].astype(np.float64))
+        result.append((a, b, similarity.astype(np.float32)))
+    return GraphSearchResult(result, pair_counts, histogram, pairs)
+
+
+def _link_block(forest: SpanningForest, chosen: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray,
+                hits: np.ndarray, rows: np.ndarray, cols: np.ndarray, threshold: float) -> None:
+    """Boruvka rounds over one block: link rows and columns to their best neighbour outside their component."""
+    while True:
+        # Byte masks first: most rows of a formed group have no neighbour outside it.
+        labels = forest.labels()
+        cross = hits & (labels[cols][None, :] != labels[rows][:, None])
+        if not cross.any():
+            return
+        outside = np.where(cross, scores, -np.inf)
+        row_best = np.argmax(outside, axis=1)
+        row_score = outside[np.arange(len(rows)), row_best]
+        col_best = np.argmax(outside, axis=0)
+        col_score = outside[col_best, np.arange(len(cols))]
+        row_on, col_on = row_score >= threshold, col_score >= threshold
+        a = np.concatenate([rows[row_on], rows[col_best[col_on]]])
+        b = np.concatenate([cols[row_best[row_on]], cols[col_on]])
+        weight = np.concatenate([row_score[row_on], col_score[col_on]])
+        picked = forest.add(a, b, weight)
+        chosen.append((a[picked], b[picked]))
+
+
 def spanning_edges(
     points: np.ndarray,
     left: np.ndarray,
@@ -220,63 +440,30 @@ def spanning_edges(
     block_rows: int = 1024,
     memory_bytes: int = 256 << 20,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A spanning forest of the >= threshold graph, without materialising its pairs.
+    """A spanning forest of the >= threshold graph (``graph_search`` at one threshold)."""
+    return graph_search(points, left, right, [threshold], block_rows, memory_bytes, histogram_bins=1).forests[0]
 
-    ``points``: unit rows (float16). ``left``/``right``: node indices into
-    ``points``; ``right is None`` searches pairs inside ``left``, otherwise pairs
-    across the two. Returns edges (a, b, exact similarity) that are real pairs,
-    at most one per merge, so fewer than len(points).
 
-    Guarantee: the components of the returned edges equal those of all pairs
-    >= threshold (closure identical to an exhaustive search). For each block
-    of query rows, every row repeatedly links to its most similar neighbour
-    outside its current component, and so does every column, until none is
-    left (Boruvka rounds: the components touched at least halve each round); memory is O(block x columns), whatever the number of
-    pairs, so a 100,000-copy group costs its matrix products and nothing more.
+def lsh_buckets(embeddings: np.ndarray, center: np.ndarray, planes: np.ndarray, m: int) -> np.ndarray:
+    """Random-hyperplane LSH codes of every row, with multi-probe: n x m int64.
+
+    ``planes``: bits x d hyperplane normals; rows are centred first (web
+    embeddings share a large common direction, which would put most rows on one
+    side of every plane). Column 0 is the row's own code; column j > 0 flips the
+    j-th least certain bit (smallest |projection|), the bucket a near neighbour
+    most likely fell into instead.
     """
-    forest = SpanningForest(points.shape[0])
-    as32 = np.ascontiguousarray(points, dtype=np.float32)
-    same = right is None
-    columns_all = left if same else right
-    margin = similarity_margin(points.shape[1])
-    # Several q x n float32 temporaries live at once: size the block to the budget.
-    step = int(max(16, min(block_rows, memory_bytes // max(1, 16 * len(columns_all)))))
-    chosen_a: list[np.ndarray] = []
-    chosen_b: list[np.ndarray] = []
-    for start in range(0, len(left), step):
-        rows = left[start:start + step]
-        cols = left[start:] if same else right
-        scores = as32[rows] @ as32[cols].T
-        if same:  # only pairs (i, j) with j after i: the block's own square keeps its upper triangle
-            scores[:, :len(rows)][np.tril(np.ones((len(rows), len(rows)), dtype=bool))] = -np.inf
-        _exact_band(scores, points, points, rows, cols, threshold, margin)
-        hits = scores >= threshold
-        while True:
-            # Byte masks first: most rows of a formed group have no neighbour outside it.
-            labels = forest.labels()
-            cross = hits & (labels[cols][None, :] != labels[rows][:, None])
-            if not cross.any():
-                break
-            # Every row and every column with a neighbour outside its component links to its
-            # best such neighbour (Boruvka): the components touched at least halve each round.
-            outside = np.where(cross, scores, -np.inf)
-            row_best = np.argmax(outside, axis=1)
-            row_score = outside[np.arange(len(rows)), row_best]
-            col_best = np.argmax(outside, axis=0)
-            col_score = outside[col_best, np.arange(len(cols))]
-            row_on, col_on = row_score >= threshold, col_score >= threshold
-            a = np.concatenate([rows[row_on], rows[col_best[col_on]]])
-            b = np.concatenate([cols[row_best[row_on]], cols[col_on]])
-            weight = np.concatenate([row_score[row_on], col_score[col_on]])
-            picked = forest.add(a, b, weight)
-            chosen_a.append(a[picked])
-            chosen_b.append(b[picked])
-    if not chosen_a:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    a, b = np.concatenate(chosen_a), np.concatenate(chosen_b)
-    similarity = np.einsum("ij,ij->i", points[a].astype(np.float64), points[b].astype(np.float64))
-    return a, b, similarity.astype(np.float32)
+    projections = (np.asarray(embeddings, dtype=np.float32) - center) @ planes.T
+    bits = planes.shape[0]
+    weights = np.left_shift(np.int64(1), np.arange(bits, dtype=np.int64))
+    codes = (projections > 0).astype(np.int64) @ weights
+    m = min(m, bits + 1)
+    out = np.empty((len(codes), m), dtype=np.int64)
+    out[:, 0] = codes
+    if m > 1:
+        uncertain = np.argsort(np.abs(projections), axis=1)[:, : m - 1]
+        out[:, 1:] = codes[:, None] ^ weights[uncertain]
+    return out
 
 
 def components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

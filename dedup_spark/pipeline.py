@@ -31,7 +31,7 @@ import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import bucket, estimate, group, report, search, storage, tables, write
+from dedup_spark import bucket, estimate, group, html, kernels, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.read import build_manifest, read_metadata, read_rows
 
@@ -39,7 +39,7 @@ log = logging.getLogger("dedup_spark")
 
 SUCCESS = "_SUCCESS"
 # Bump when a stage's output format or meaning changes, so old work is not reused.
-STAGE_FORMAT = 1
+STAGE_FORMAT = 2
 
 
 class OutputError(ValueError):
@@ -142,63 +142,57 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     rows = tables.read_table(spark, rows_uri)
     valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
     valid_rows = read_result["valid_rows"]
-    centroids_uri = storage.join(staged, "model", "centroids.npy")
-    quantizer_uri = storage.join(staged, "model", "quantizer.faiss")
+    model_uri = storage.join(staged, "model")
 
     def train_stage() -> dict[str, Any]:
-        if valid_rows:
-            centroids, stats = bucket.train(spark, valid, valid_rows, dim, config)
-        else:
-            centroids, stats = np.zeros((1, dim), np.float32), {"k": 1, "train_rows": 0}
-        _save_npy(centroids_uri, centroids)
-        storage.write_bytes(storage.join(staged, "model", "config.yaml"),
+        model = bucket.train(spark, valid, valid_rows, dim, config, model_uri)
+        storage.write_bytes(storage.join(model_uri, "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
-        storage.write_json(storage.join(staged, "model", "manifest.json"), manifest.to_dict())
-        k = int(centroids.shape[0])
-        m = min(config.bucketing.m, k)
-        kind = bucket.quantizer_kind(k, config)
-        bucket.save_quantizer(centroids, kind, m, quantizer_uri)
-        return {"rows": stats["train_rows"], "k": k, "m": m, "train_rows": stats["train_rows"], "assign": kind,
-                "note": f"K={k}, m={m}, {kind} assignment"}
+        storage.write_json(storage.join(model_uri, "manifest.json"), manifest.to_dict())
+        return {"rows": model.train_rows, "model": model.to_dict(),
+                "note": f"{model.method}, K={model.buckets_per_round} x {model.rounds} round(s), m={model.m}, "
+                        f"{model.assign} assignment"}
 
     train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
-    k, m = train_result["k"], train_result["m"]
+    model = bucket.BucketModel(**train_result["model"])
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
-        info = tables.write_table(bucket.assign(valid, quantizer_uri, dim, m), assigned_uri)
+        info = tables.write_table(bucket.assign(valid, model_uri, dim), assigned_uri)
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
         _save_npy(storage.join(work, "bucket_sizes.npy"), sizes)
         return {"rows": info.rows, "buckets": len(sizes), "note": f"{len(sizes)} non-empty buckets"}
 
-    assign_result = stages.run("assign", {"m": m}, assign_stage)
+    assign_result = stages.run("assign", {}, assign_stage)
     bucket_sizes = {int(b): int(c) for b, c in _load_npy(storage.join(work, "bucket_sizes.npy"))}
     task_memory = bucket.task_memory_bytes(spark)
     cap = bucket.max_task_rows(task_memory, dim, config)
     edges_uri = storage.join(work, "edges")
+    thresholds = [threshold, *sorted(set(config.search.thresholds) - {threshold})]
 
     def search_stage() -> dict[str, Any]:
         plan = bucket.plan_search(bucket_sizes, cap)
         partitions = max(1, min(plan.tasks, max(spark.sparkContext.defaultParallelism * 4,
                                                 math.ceil(assign_result["rows"] / 20000))))
         routed = bucket.route(tables.read_table(spark, assigned_uri), plan, config.bucketing.seed)
-        edges = search.search(routed, dim, threshold, config.search.query_block_rows, all_pairs, partitions,
-                              task_memory // 2)
+        edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs, partitions,
+                              task_memory // 2, model.width)
         info = tables.write_table(edges, edges_uri)
+        pair_counts, histogram = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
-                "comparisons": plan.comparisons,
-                "largest_task_rows": plan.largest_task_rows,
-                "note": f"{plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
+                "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows,
+                "pair_counts": pair_counts, "histogram": histogram,
+                "note": f"{pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
 
-    search_settings = {"threshold": threshold, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
+    search_settings = {"thresholds": thresholds, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
 
     def group_stage() -> dict[str, Any]:
         edges = tables.read_table(spark, edges_uri)
-        members, cc_stats = group.connected_components(edges.where("spanning").select("row_id_a", "row_id_b"), config)
+        members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config)
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
         info = tables.write_table(group.duplicates_table(members, kept, valid, dim), duplicates_uri)
@@ -206,13 +200,26 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             F.countDistinct("group_id").alias("groups"),
             F.sum(F.when(~F.col("is_kept"), 1).otherwise(0)).alias("removed")).first()
         pairs_rows = None
-        if config.output.pairs != "none":
-            chosen = edges if all_pairs else edges.where("spanning")
-            pairs = chosen.groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity"))
-            pairs_rows = tables.write_table(pairs, storage.join(staged, "pairs")).rows
+        if all_pairs:
+            pairs_rows = tables.write_table(search.found_pairs(edges), storage.join(staged, "pairs")).rows
+        elif config.output.pairs == "spanning":
+            # A spanning edge found by several tasks (soft assignment) is written once.
+            spanning = search.forest(edges).groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity"))
+            pairs_rows = tables.write_table(spanning, storage.join(staged, "pairs")).rows
         groups = int(totals["groups"])
+        calibration = [{"threshold": threshold, "pairs": search_result["pair_counts"][0], "groups": groups,
+                        "removed_rows": int(totals["removed"] or 0)}]
+        for level, extra in enumerate(thresholds[1:], start=1):
+            extra_members, _ = group.connected_components(
+                search.forest(edges, level).select("row_id_a", "row_id_b"), config)
+            counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
+            calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
+                                "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
+        views = report.dataset_views(tables.read_table(spark, duplicates_uri),
+                                     metadata if metadata is not None else read_metadata(spark, manifest, config),
+                                     list(bucket_sizes.values()))
         return {"rows": info.rows, "groups": groups, "removed_rows": int(totals["removed"] or 0),
-                "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows,
+                "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows, "calibration": calibration, "views": views,
                 "note": f"{groups} groups, {cc_stats['rounds']} rounds"}
 
     group_result = stages.run("group", {"group": config.to_dict()["group"], "keep": config.to_dict()["keep"],
@@ -253,15 +260,20 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "accounting": report.accounting(manifest.rows, kept_rows, removed_rows, read_result["rejected_rows"],
                                         write_result["rows"]),
         "rejected_by_reason": read_result["reasons"],
-        "bucketing": {"method": config.bucketing.method, "k": k, "m": m, "train_rows": train_result["train_rows"],
-                      "assign": train_result["assign"], "k_source": "config" if config.bucketing.k else "cost model",
+        "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
+                      "train_rows": model.train_rows, "assign": model.assign,
+                      "k_source": "config" if config.bucketing.k else "cost model",
                       "assigned_rows": assign_result["rows"],
                       "bucket_sizes": report.size_stats(list(bucket_sizes.values())),
                       "max_task_rows": cap, "search_tasks": search_result["tasks"],
                       "split_buckets": search_result["split_buckets"],
                       "largest_task_rows": search_result["largest_task_rows"]},
-        "search": {"edges_emitted": search_result["rows"], "pairs_written": group_result["pairs_rows"],
-                   "comparisons": search_result["comparisons"]},
+        "search": {"pairs_found": search_result["pair_counts"][0], "edges_emitted": search_result["rows"],
+                   "pairs_written": group_result["pairs_rows"], "comparisons": search_result["comparisons"]},
+        "calibration": group_result["calibration"],
+        "similarity_histogram": {"edges": [round(float(e), 6) for e in
+                                           kernels.histogram_edges(threshold, search.HISTOGRAM_BINS)],
+                                 "counts": search_result["histogram"]},
         "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
                    "cc_rounds": group_result["cc_rounds"]},
         "recall_estimate": {key: value for key, value in estimate_result.items() if key not in ("rows", "note")},
@@ -271,7 +283,10 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     result["timings_seconds"]["total"] = round(time.perf_counter() - started, 3)
     if "seconds" in estimate_result:
         result["recall_estimate"]["fraction_of_run"] = round(estimate_result["seconds"] / result["timings_seconds"]["total"], 4)
+    result.update(group_result["views"])
     storage.write_json(storage.join(staged, "report.json"), result)
+    # Rendered from the JSON as written, so the page shows exactly report.json's numbers.
+    storage.write_bytes(storage.join(staged, "report.html"), html.render(json.loads(json.dumps(result))).encode())
     publish(config, staged)
     if not config.run.keep_work:
         storage.delete_tree(work)

@@ -25,6 +25,7 @@ from pyspark.sql import types as T
 
 from dedup_spark import kernels, storage
 from dedup_spark.config import JobConfig
+from dedup_spark.tables import packed_binary
 
 log = logging.getLogger(__name__)
 
@@ -297,12 +298,7 @@ def _rows_batch(shard: Shard, start: int, matrix: np.ndarray, reasons: np.ndarra
     if null_ids is not None:
         reasons = np.where(null_ids & (reasons == None), kernels.REJECT_NULL_ID, reasons)  # noqa: E711
     good = reasons == None  # noqa: E711
-    width = normalized.shape[1] * 2
-    embedding = pa.Array.from_buffers(
-        pa.binary(), n,
-        [pa.array(good).buffers()[1], pa.py_buffer(np.arange(0, (n + 1) * width, width, dtype=np.int32)),
-         pa.py_buffer(np.ascontiguousarray(normalized))],
-    )
+    embedding = packed_binary(normalized, good.astype(bool))
     row_ids = pa.array(ids, mask=null_ids) if null_ids is not None else pa.array(ids)
     return pa.RecordBatch.from_arrays(
         [row_ids, pa.array(np.full(n, shard.shard_id, np.int32)), pa.array(np.arange(start, start + n, dtype=np.int64)),

@@ -2,13 +2,20 @@
 
 Each task holds one bucket (or one block, or one pair of blocks of a split
 bucket) and compares every row with every other by float32 matrix products,
-with an exact float64 check near the threshold.
+with an exact float64 check near each threshold (``kernels.graph_search``).
 
-- ``output.pairs: spanning | none``: the task emits a spanning forest of its
-  >= threshold graph (``kernels.spanning_edges``), never materialising the
-  pairs themselves, so a group of g copies costs g - 1 edges, not g^2 / 2.
-- ``output.pairs: all``: the task emits every pair (``kernels.search_pairs``),
-  flagging those that form its spanning forest for the grouping stage.
+What a task emits (EDGES_SCHEMA, told apart by ``level``):
+
+- ``level >= 0``: a spanning forest of the task's >= ``thresholds[level]``
+  graph (level 0 is the search threshold; higher levels exist only for
+  threshold calibration). Never more edges than rows, so a group of g copies
+  costs g - 1 edges, not g^2 / 2.
+- ``level == PAIR`` (``output.pairs: all`` only): every pair >= the search
+  threshold that this task owns. A pair that meets in several buckets (soft
+  assignment, several rounds) is owned by the smallest bucket id the two rows
+  share, so each pair is emitted exactly once over the whole search.
+- ``level == PAIR_COUNT`` / ``HISTOGRAM``: per-task counts, (row_id_a = threshold
+  index or histogram bin, row_id_b = owned pairs), summed by ``search_stats``.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import kernels
@@ -27,54 +35,79 @@ EDGES_SCHEMA = T.StructType([
     T.StructField("row_id_a", T.LongType(), False),
     T.StructField("row_id_b", T.LongType(), False),
     T.StructField("similarity", T.FloatType(), False),
-    T.StructField("spanning", T.BooleanType(), False),
+    T.StructField("level", T.IntegerType(), False),
 ])
+PAIR = -1
+PAIR_COUNT = -2
+HISTOGRAM = -3
+HISTOGRAM_BINS = 100
 
 
-def search_task(rows: pa.Table, dim: int, threshold: float, block_rows: int, all_pairs: bool,
-                block_memory: int = 256 << 20) -> Iterator[pa.RecordBatch]:
-    """Pairs of one search task. ``rows``: side, row_id, embedding (side 1 only for block pairs)."""
+def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool,
+                block_memory: int = 256 << 20, bucket_id: int = 0, bucket_width: int = 0) -> Iterator[pa.RecordBatch]:
+    """Edges of one search task. ``rows``: side, row_id, embedding and (when ``bucket_width``) buckets,
+    every row's ``bucket_width`` bucket ids; side is 1 only for the second block of a block pair."""
     side = rows.column("side").to_numpy()
     row_ids = rows.column("row_id").to_numpy()
     embeddings = binary_matrix(rows.column("embedding"), dim)
+    buckets = binary_matrix(rows.column("buckets"), bucket_width, "int32") if bucket_width else None
     right_mask = side == 1
-    if not all_pairs:
-        left_nodes = np.flatnonzero(~right_mask)
-        right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
-        a, b, similarity = kernels.spanning_edges(embeddings, left_nodes, right_nodes, threshold, block_rows, block_memory)
+    left_nodes = np.flatnonzero(~right_mask)
+    right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
+    found = kernels.graph_search(embeddings, left_nodes, right_nodes, thresholds, block_rows, block_memory,
+                                 buckets, bucket_id, all_pairs, HISTOGRAM_BINS)
+    for level, (a, b, similarity) in enumerate(found.forests):
         if len(a):
-            yield _edges_batch(row_ids, a, b, similarity, np.ones(len(a), dtype=bool))
-        return
-    if right_mask.any():
-        left_index, right_index = np.flatnonzero(~right_mask), np.flatnonzero(right_mask)
-        blocks = kernels.search_pairs(embeddings[left_index], embeddings[right_index], threshold, block_rows)
-    else:
-        left_index = right_index = np.arange(len(row_ids))
-        blocks = kernels.search_pairs(embeddings, None, threshold, block_rows)
-    forest = kernels.SpanningForest(len(row_ids))
-    for i, j, similarity in blocks:
-        a, b = left_index[i], right_index[j]
-        spanning = np.zeros(len(a), dtype=bool)
-        spanning[forest.add(a, b, similarity)] = True
-        yield _edges_batch(row_ids, a, b, similarity, spanning)
+            yield _edges_batch(row_ids, a, b, similarity, level)
+    for a, b, similarity in found.pairs:
+        yield _edges_batch(row_ids, a, b, similarity, PAIR)
+    for level, counts in ((PAIR_COUNT, found.pair_counts), (HISTOGRAM, found.histogram)):
+        index = np.flatnonzero(counts)
+        if index.size:
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(index.astype(np.int64)), pa.array(counts[index].astype(np.int64)),
+                 pa.array(np.zeros(index.size, np.float32)), pa.array(np.full(index.size, level, np.int32))],
+                names=EDGES_SCHEMA.names)
 
 
 def _edges_batch(row_ids: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: np.ndarray,
-                 spanning: np.ndarray) -> pa.RecordBatch:
+                 level: int) -> pa.RecordBatch:
     """EDGES_SCHEMA rows for local node pairs (a, b), as row ids with row_id_a < row_id_b."""
     id_a, id_b = row_ids[a], row_ids[b]
     return pa.RecordBatch.from_arrays(
         [pa.array(np.minimum(id_a, id_b)), pa.array(np.maximum(id_a, id_b)), pa.array(similarity, pa.float32()),
-         pa.array(spanning)],
+         pa.array(np.full(len(a), level, np.int32))],
         names=EDGES_SCHEMA.names)
 
 
-def search(routed: DataFrame, dim: int, threshold: float, block_rows: int, all_pairs: bool, partitions: int,
-           block_memory: int) -> DataFrame:
-    """Edges (EDGES_SCHEMA) from every search task; a pair found in several tasks may repeat."""
+def search(routed: DataFrame, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool, partitions: int,
+           block_memory: int, bucket_width: int) -> DataFrame:
+    """Edges (EDGES_SCHEMA) from every search task; a spanning edge found in several tasks may repeat."""
 
     def handle(task_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         del task_id
-        yield from search_task(rows, dim, threshold, block_rows, all_pairs, block_memory)
+        bucket_id = int(rows.column("bucket_id")[0].as_py())
+        yield from search_task(rows, dim, thresholds, block_rows, all_pairs, block_memory, bucket_id, bucket_width)
 
     return stream_groups(routed, "task_id", ["side", "row_id"], partitions, handle, EDGES_SCHEMA)
+
+
+def forest(edges: DataFrame, level: int = 0) -> DataFrame:
+    """The spanning edges for ``thresholds[level]``: (row_id_a, row_id_b, similarity)."""
+    return edges.where(F.col("level") == level).select("row_id_a", "row_id_b", "similarity")
+
+
+def found_pairs(edges: DataFrame) -> DataFrame:
+    """Every found pair, once (``output.pairs: all`` only)."""
+    return edges.where(F.col("level") == PAIR).select("row_id_a", "row_id_b", "similarity")
+
+
+def search_stats(edges: DataFrame, levels: int) -> tuple[list[int], list[int]]:
+    """Owned pairs per threshold and the similarity histogram, summed over tasks (small: collected)."""
+    totals = (edges.where(F.col("level") <= PAIR_COUNT).groupBy("level", "row_id_a")
+              .agg(F.sum("row_id_b").alias("count")).collect())
+    pair_counts, histogram = [0] * levels, [0] * HISTOGRAM_BINS
+    for row in totals:
+        target = pair_counts if row["level"] == PAIR_COUNT else histogram
+        target[int(row["row_id_a"])] = int(row["count"])
+    return pair_counts, histogram

@@ -113,6 +113,20 @@ def binary_matrix(column: pa.Array | pa.ChunkedArray, dim: int, dtype: str = "fl
     return raw.view(dtype).reshape(len(column), dim)
 
 
+def packed_binary(matrix: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    """A binary column holding each row of ``matrix`` packed (the inverse of ``binary_matrix``).
+
+    ``valid``: a boolean mask; rows where it is False are null.
+    """
+    matrix = np.ascontiguousarray(matrix)
+    rows = matrix.shape[0]
+    width = matrix.itemsize * (matrix.shape[1] if matrix.ndim > 1 else 1)
+    validity = None if valid is None else pa.array(np.asarray(valid, dtype=bool)).buffers()[1]
+    return pa.Array.from_buffers(
+        pa.binary(), rows,
+        [validity, pa.py_buffer(np.arange(0, (rows + 1) * width, width, dtype=np.int32)), pa.py_buffer(matrix)])
+
+
 def stream_groups(
     df: DataFrame,
     key: str,

@@ -1,7 +1,7 @@
 """spark-submit entry point: find and remove near-duplicate embeddings.
 
     spark-submit jobs/dedup.py --input URI --output URI [--format laion|parquet|npy]
-        [--threshold 0.95] [--config conf/FILE.yaml] [--set key=value ...] [--overwrite]
+        [--threshold 0.95] [--thresholds 0.96,0.98] [--config conf/FILE.yaml] [--set key=value ...] [--overwrite]
 
 Also runs as plain ``python jobs/dedup.py ...`` in Spark local mode.
 """
@@ -24,6 +24,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="output URI (output.uri)")
     parser.add_argument("--format", choices=config_module.FORMATS, help="input.format")
     parser.add_argument("--threshold", type=float, help="search.threshold")
+    parser.add_argument("--thresholds", help="more thresholds to calibrate from the same search, comma-separated, "
+                        "each >= --threshold (search.thresholds)")
     parser.add_argument("--config", help="a YAML file of settings (see conf/default.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
     parser.add_argument("--overwrite", action="store_true", help="replace a published output (output.overwrite)")
@@ -32,7 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_config(args: argparse.Namespace) -> config_module.JobConfig:
     flags = {"input.uri": args.input, "output.uri": args.output, "input.format": args.format,
-             "search.threshold": args.threshold, "output.overwrite": True if args.overwrite else None}
+             "search.threshold": args.threshold,
+             "search.thresholds": args.thresholds, "output.overwrite": True if args.overwrite else None}
     overrides = {key: value for key, value in flags.items() if value is not None}
     overrides.update(dict(config_module.parse_override(item) for item in args.set))
     return config_module.load(args.config, overrides)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows in: {counts['input_rows']:,}  duplicate groups: {result['groups']['count']:,}  "
           f"rows removed: {counts['removed_rows']:,}  rejected: {counts['rejected_rows']:,}  "
           f"seconds: {result['timings_seconds']['total']:.1f}")
-    print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, report.json)")
+    print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, report.json, report.html)")
     return 0
 
 
