@@ -37,6 +37,8 @@ class InputConfig:
     id_column: str | None = None
     dim: int | None = None
     chunk_rows: int = 65536
+    on_bad_shard: str = "fail"
+    max_rejected_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class SparkConfig:
 class StorageConfig:
     s3_endpoint: str | None = None
     s3_region: str | None = None
+    s3_attempts: int = 8
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class RunConfig:
     keep_work: bool = False
     log_level: str = "INFO"
     fail_after_stage: str | None = None
+    fault_task_fraction: float = 0.0
+    fault_drop_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -228,6 +233,11 @@ def validate(config: JobConfig) -> None:
          f"search.thresholds must all lie in [search.threshold, 1] = [{config.search.threshold}, 1] (one search at "
          "search.threshold serves every higher threshold); lower search.threshold (--threshold) to calibrate below it"),
         (config.bucketing.rounds is None or config.bucketing.rounds >= 1, "bucketing.rounds must be >= 1"),
+        (config.input.on_bad_shard in ("fail", "skip"), "input.on_bad_shard must be fail or skip"),
+        (0.0 <= config.input.max_rejected_fraction <= 1.0, "input.max_rejected_fraction must be in [0, 1]"),
+        (0.0 <= config.run.fault_task_fraction < 1.0, "run.fault_task_fraction must be in [0, 1)"),
+        (config.storage.s3_attempts >= 1, "storage.s3_attempts must be >= 1"),
+        (config.run.fault_drop_rows >= 0, "run.fault_drop_rows must be >= 0"),
         (config.input.chunk_rows >= 1, "input.chunk_rows must be >= 1"),
         (config.input.dim is None or config.input.dim >= 1, "input.dim must be >= 1"),
         (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),

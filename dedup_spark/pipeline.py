@@ -33,7 +33,7 @@ from pyspark.sql import functions as F
 
 from dedup_spark import bucket, estimate, group, html, kernels, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.read import build_manifest, read_metadata, read_rows
+from dedup_spark.read import InputError, build_manifest, read_metadata, read_rows
 
 log = logging.getLogger("dedup_spark")
 
@@ -104,8 +104,8 @@ def _load_npy(uri: str) -> np.ndarray:
 
 def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the whole job; return the report (also written to report.json)."""
+    executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region, config.storage.s3_attempts)
     check_locations(config)
-    executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region)
     from dedup_spark.session import get_session
 
     spark = spark or get_session(config, executor_env)
@@ -120,12 +120,15 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     rows_uri = storage.join(work, "read")
 
     def read_stage() -> dict[str, Any]:
-        info = tables.write_table(read_rows(spark, manifest, config), rows_uri)
+        info = tables.write_table(read_rows(spark, manifest, config), rows_uri)  # tasks may fail: see run.fault_task_fraction
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
         rejected_uri = storage.join(staged, "rejected")
-        tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull()), rejected_uri)
+        shard_names = spark.createDataFrame([(s.shard_id, s.relative[0]) for s in manifest.shards], "shard_id int, shard string")
+        tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull())
+                           .join(F.broadcast(shard_names), "shard_id")
+                           .select("row_id", "shard_id", "shard", "shard_row", "reject_reason"), rejected_uri)
         # Counted from the rejected table just written: it holds only the rejected rows.
         by_reason = tables.read_table(spark, rejected_uri, ["reject_reason"]).groupBy("reject_reason").count()
         reasons = {r["reject_reason"]: r["count"] for r in by_reason.collect()}
@@ -139,6 +142,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 "note": f"{len(manifest.shards)} shards, {manifest.format}, d={dim}, {rejected} rejected"}
 
     read_result = stages.run("read", {"manifest": manifest.to_dict(), "input": config.to_dict()["input"]}, read_stage)
+    limit = config.input.max_rejected_fraction
+    if read_result["rejected_rows"] > limit * manifest.rows:
+        raise InputError(f"{read_result['rejected_rows']} of {manifest.rows} input rows were rejected "
+                         f"({read_result['rejected_rows'] / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
+                         f"{read_result['reasons']}; see {storage.join(work, 'publish', 'rejected')}")
     rows = tables.read_table(spark, rows_uri)
     valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
     valid_rows = read_result["valid_rows"]
@@ -159,6 +167,9 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
     def assign_stage() -> dict[str, Any]:
         info = tables.write_table(bucket.assign(valid, model_uri, dim), assigned_uri)
+        if info.rows != valid_rows * model.width:
+            raise report.AccountingError(f"assign wrote {info.rows} rows, not {valid_rows} valid rows x {model.width} "
+                                         "buckets each: rows would go unsearched")
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
         _save_npy(storage.join(work, "bucket_sizes.npy"), sizes)
@@ -177,7 +188,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                                 math.ceil(assign_result["rows"] / 20000))))
         routed = bucket.route(tables.read_table(spark, assigned_uri), plan, config.bucketing.seed)
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs, partitions,
-                              task_memory // 2, model.width)
+                              task_memory // 2, model.width, config.run.fault_task_fraction)
         info = tables.write_table(edges, edges_uri)
         pair_counts, histogram = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
@@ -245,8 +256,13 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         removed = duplicates.where(~F.col("is_kept")).select("row_id").join(positions, "row_id")
         drops = removed.select("shard_id", "shard_row").unionByName(
             rows.where(F.col("reject_reason").isNotNull()).select("shard_id", "shard_row"))
-        summaries = write.write_dedup(spark, manifest, drops, storage.join(staged, "dedup"))
-        written = sum(s["rows_written"] for s in summaries)
+        dedup_uri = storage.join(staged, "dedup")
+        summaries = write.write_dedup(spark, manifest, drops, dedup_uri, storage.join(work, "scratch"),
+                                      config.run.fault_task_fraction, config.run.fault_drop_rows)
+        reported = sum(s["rows_written"] for s in summaries)
+        written = write.count_written(manifest, dedup_uri)
+        if written != reported:
+            log.error("write tasks reported %d rows but dedup/ holds %d", reported, written)
         return {"rows": written, "shards": len(summaries), "note": f"{len(summaries)} shards"}
 
     write_result = stages.run("write", {}, write_stage)
@@ -257,8 +273,9 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "input": {"uri": manifest.input_uri, "format": manifest.format, "dim": dim, "shards": len(manifest.shards)},
         "output": {"uri": config.output.uri, "pairs": config.output.pairs},
         "threshold": threshold,
-        "accounting": report.accounting(manifest.rows, kept_rows, removed_rows, read_result["rejected_rows"],
-                                        write_result["rows"]),
+        "accounting": report.accounting(manifest.rows + manifest.skipped_rows, kept_rows, removed_rows,
+                                        read_result["rejected_rows"], write_result["rows"], manifest.skipped_rows),
+        "skipped_shards": manifest.skipped,
         "rejected_by_reason": read_result["reasons"],
         "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
                       "train_rows": model.train_rows, "assign": model.assign,

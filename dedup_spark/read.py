@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from dedup_spark import kernels, storage
+from dedup_spark import faults, kernels, storage
 from dedup_spark.config import JobConfig
 from dedup_spark.tables import packed_binary
 
@@ -68,6 +68,8 @@ class Manifest:
     dim: int
     shards: list[Shard]
     files: list[tuple[str, int, int]] = field(default_factory=list)  # (uri, size, mtime_ns): the input's identity
+    # Shards left out by input.on_bad_shard: skip, each {"file", "reason", "rows"} (rows None when unreadable).
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def rows(self) -> int:
@@ -75,12 +77,18 @@ class Manifest:
 
     def to_dict(self) -> dict:
         return {"input_uri": self.input_uri, "format": self.format, "dim": self.dim, "rows": self.rows,
-                "shards": [s.to_dict() for s in self.shards], "files": [list(f) for f in self.files]}
+                "shards": [s.to_dict() for s in self.shards], "files": [list(f) for f in self.files],
+                "skipped": self.skipped}
 
     @staticmethod
     def from_dict(payload: dict) -> Manifest:
         return Manifest(payload["input_uri"], payload["format"], payload["dim"],
-                        [Shard(**s) for s in payload["shards"]], [tuple(f) for f in payload.get("files", [])])
+                        [Shard(**s) for s in payload["shards"]], [tuple(f) for f in payload.get("files", [])],
+                        payload.get("skipped", []))
+
+    @property
+    def skipped_rows(self) -> int:
+        return sum(entry["rows"] or 0 for entry in self.skipped)
 
 
 def _natural_key(text: str) -> list:
@@ -107,28 +115,36 @@ def detect_format(input_uri: str, files: list[str]) -> str:
 
 
 def _npy_header(uri: str) -> tuple[int, int, str, int]:
-    """rows, dim, dtype, data offset of a .npy file, from its header only."""
+    """rows, dim, dtype, data offset of a .npy file, from its header (and size) only."""
     with storage.open_input(uri) as handle:
         try:
             version = np.lib.format.read_magic(handle)
             reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, fortran, dtype = reader(handle)
-        except ValueError as error:
+        except (ValueError, EOFError, SyntaxError) as error:
             raise InputError(f"{uri}: not a readable .npy file ({error})") from None
         offset = handle.tell()
+        size = handle.size()
     if fortran:
         raise InputError(f"{uri}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray")
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         raise InputError(f"{uri}: embeddings must be float16/32/64, found {dtype}")
     if len(shape) != 2:
         raise InputError(f"{uri}: expected a 2-D array (rows x dim), found shape {shape}")
+    expected = offset + shape[0] * shape[1] * dtype.itemsize
+    if size < expected:
+        raise InputError(f"{uri}: truncated: its header promises {shape[0]} x {shape[1]} {dtype} "
+                         f"({expected} bytes) but the file has {size}")
     return int(shape[0]), int(shape[1]), dtype.newbyteorder("<").str if dtype.byteorder == ">" else dtype.str, offset
 
 
 def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -> tuple[int, list[int], int | None, str]:
     """rows, row-group sizes, dim (None when unknown) and value dtype of a parquet file."""
     with storage.open_input(uri) as handle:
-        parquet = pq.ParquetFile(handle)
+        try:
+            parquet = pq.ParquetFile(handle)
+        except (pa.ArrowInvalid, OSError) as error:
+            raise InputError(f"{uri}: not a readable parquet file ({error})") from None
         metadata = parquet.metadata
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
         if embedding_column is None:
@@ -162,57 +178,92 @@ def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -
 
 
 def build_manifest(config: JobConfig) -> Manifest:
-    """Shards, rows, offsets and dims from headers and footers only."""
+    """Shards, rows, offsets and dims from headers and footers only, every shard validated.
+
+    A bad shard (unreadable or truncated file, missing or mismatched metadata,
+    a dimension other than the input's) stops the job with its file and reason,
+    or with ``input.on_bad_shard: skip`` is left out and listed in ``skipped``.
+    """
     root = config.input.uri.rstrip("/")
     infos = [info for info in storage.file_infos(root) if _visible(_relative(info[0], root))]
     files = [info[0] for info in infos]
     if not files:
         raise InputError(f"input {root} does not exist or holds no files")
     fmt = config.input.format if config.input.format != "auto" else detect_format(root, files)
-    shards: list[Shard] = []
-    offset = 0
+    if fmt != "parquet" and config.input.id_column:
+        raise InputError("input.id_column needs parquet input (laion and npy rows are identified by position)")
+    candidates: list[dict] = []
+    skipped: list[dict] = []
+
+    def bad_shard(uri: str, reason: str, rows: int | None) -> None:
+        if config.input.on_bad_shard == "fail":
+            raise InputError(reason)
+        log.warning("skipping bad shard %s: %s", uri, reason)
+        skipped.append({"file": _relative(uri, root), "reason": reason, "rows": rows})
+
     if fmt == "laion":
         embeddings = sorted((f for f in files if re.search(r"(^|/)img_emb/img_emb_[^/]*\.npy$", f)), key=_natural_key)
         if not embeddings:
             raise InputError(f"{root}: laion format needs img_emb/img_emb_N.npy files")
         present = set(files)
-        for shard_id, uri in enumerate(embeddings):
+        for uri in embeddings:
             suffix = re.search(r"img_emb_([^/]*)\.npy$", uri).group(1)
             meta_uri = storage.join(root, "metadata", f"metadata_{suffix}.parquet")
-            if meta_uri not in present:
-                raise InputError(f"{uri}: no matching metadata file metadata/metadata_{suffix}.parquet")
-            rows, dim, dtype, data_offset = _npy_header(uri)
-            meta_rows, groups, _, _ = _parquet_footer(meta_uri, None, config.input.binary_dtype)
-            if meta_rows != rows:
-                raise InputError(f"{uri} has {rows} rows but its metadata {meta_uri} has {meta_rows}")
-            shards.append(Shard(shard_id, "npy", uri, meta_uri, [_relative(uri, root), _relative(meta_uri, root)],
-                                rows, offset, dim, dtype, data_offset, groups))
-            offset += rows
-    elif fmt == "npy":
-        for shard_id, uri in enumerate(sorted((f for f in files if f.endswith(".npy")), key=_natural_key)):
-            rows, dim, dtype, data_offset = _npy_header(uri)
-            shards.append(Shard(shard_id, "npy", uri, None, [_relative(uri, root)], rows, offset, dim, dtype, data_offset))
-            offset += rows
-    elif fmt == "parquet":
-        for shard_id, uri in enumerate(sorted((f for f in files if f.endswith(".parquet")), key=_natural_key)):
-            rows, groups, dim, dtype = _parquet_footer(uri, config.input.embedding_column, config.input.binary_dtype)
-            shards.append(Shard(shard_id, "parquet", uri, uri, [_relative(uri, root)], rows, offset, dim, dtype, 0, groups))
-            offset += rows
+            rows = None
+            try:
+                if meta_uri not in present:
+                    raise InputError(f"{uri}: no matching metadata file metadata/metadata_{suffix}.parquet")
+                rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
+                meta_rows, groups, _, _ = storage.retrying(_parquet_footer, meta_uri, None, config.input.binary_dtype,
+                                                           uri=meta_uri)
+                if meta_rows != rows:
+                    raise InputError(f"{uri} has {rows} rows but its metadata {meta_uri} has {meta_rows}")
+            except InputError as error:
+                bad_shard(uri, str(error), rows)
+                continue
+            candidates.append({"kind": "npy", "embedding_uri": uri, "metadata_uri": meta_uri,
+                               "relative": [_relative(uri, root), _relative(meta_uri, root)], "rows": rows, "dim": dim,
+                               "dtype": dtype, "data_offset": data_offset, "row_groups": groups})
+    elif fmt in ("npy", "parquet"):
+        for uri in sorted((f for f in files if f.endswith(f".{fmt}")), key=_natural_key):
+            try:
+                if fmt == "npy":
+                    rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
+                    groups = []
+                else:
+                    rows, groups, dim, dtype = storage.retrying(_parquet_footer, uri, config.input.embedding_column,
+                                                                config.input.binary_dtype, uri=uri)
+                    data_offset = 0
+            except InputError as error:
+                bad_shard(uri, str(error), None)
+                continue
+            candidates.append({"kind": fmt, "embedding_uri": uri, "metadata_uri": uri if fmt == "parquet" else None,
+                               "relative": [_relative(uri, root)], "rows": rows, "dim": dim, "dtype": dtype,
+                               "data_offset": data_offset, "row_groups": groups})
     else:
         raise InputError(f"unknown input format {fmt}")
-    if not shards:
-        raise InputError(f"{root}: no {fmt} shards found")
-    if fmt != "parquet" and config.input.id_column:
-        raise InputError("input.id_column needs parquet input (laion and npy rows are identified by position)")
     dims = Counter()
-    for shard in shards:
-        if shard.dim is not None:
-            dims[shard.dim] += shard.rows
+    for candidate in candidates:
+        if candidate["dim"] is not None:
+            dims[candidate["dim"]] += candidate["rows"]
     dim = config.input.dim or (dims.most_common(1)[0][0] if dims else None)
+    shards: list[Shard] = []
+    offset = 0
+    for candidate in candidates:
+        if candidate["dim"] is not None and candidate["dim"] != dim:
+            bad_shard(candidate["embedding_uri"],
+                      f"{candidate['embedding_uri']}: dimension {candidate['dim']}, but the input's is {dim} "
+                      f"(mixed dimensions across shards; set input.dim, or input.on_bad_shard: skip)", candidate["rows"])
+            continue
+        shards.append(Shard(len(shards), row_offset=offset, **candidate))
+        offset += candidate["rows"]
+    if not shards:
+        detail = f"; skipped: {[entry['reason'] for entry in skipped]}" if skipped else ""
+        raise InputError(f"{root}: no usable {fmt} shards found{detail}")
     if dim is None:
         raise InputError(f"{root}: cannot tell the embedding dimension (no rows?); set input.dim")
     used = {uri for shard in shards for uri in (shard.embedding_uri, shard.metadata_uri) if uri}
-    return Manifest(root, fmt, dim, shards, [info for info in infos if info[0] in used])
+    return Manifest(root, fmt, dim, shards, [info for info in infos if info[0] in used], skipped)
 
 
 def read_chunks(manifest: Manifest, chunk_rows: int) -> list[tuple[int, int, int]]:
@@ -312,12 +363,6 @@ def read_chunk(manifest: Manifest, config: JobConfig, shard_id: int, start: int,
     shard = manifest.shards[shard_id]
     dim = manifest.dim
     if shard.kind == "npy":
-        count = stop - start
-        reasons = np.full(count, None, dtype=object)
-        if shard.dim != dim:
-            reasons[:] = kernels.REJECT_WRONG_DIM
-            yield _rows_batch(shard, start, np.zeros((count, dim), np.float32), reasons, None, None)
-            return
         itemsize = np.dtype(shard.dtype).itemsize
         step = max(1, (64 << 20) // (dim * itemsize))  # decode at most ~64 MB at a time
         with storage.open_input(shard.embedding_uri) as handle:
@@ -356,6 +401,7 @@ def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> Dat
         local_manifest = Manifest.from_dict(manifest_payload)
         for batch in batches:
             for shard_id, start, stop in zip(*(batch.column(i).to_pylist() for i in range(3))):
+                faults.maybe_fail("read", config.run.fault_task_fraction, (shard_id, start))
                 yield from read_chunk(local_manifest, config, shard_id, start, stop)
 
     tasks = spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks)))

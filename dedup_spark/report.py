@@ -46,14 +46,16 @@ def size_stats(sizes: list[int] | np.ndarray) -> dict[str, float]:
             "mean": round(float(values.mean()), 3), "p99": float(np.percentile(values, 99)), "max": int(values.max())}
 
 
-def accounting(input_rows: int, kept: int, removed: int, rejected: int, written: int) -> dict[str, Any]:
-    """The invariant, checked: every input row is kept, removed or rejected, and dedup/ holds the kept ones."""
+def accounting(input_rows: int, kept: int, removed: int, rejected: int, written: int, skipped: int = 0) -> dict[str, Any]:
+    """The invariant, checked: every input row is kept, removed, rejected or in a skipped shard,
+    and dedup/ holds exactly the kept ones."""
     result = {"input_rows": input_rows, "kept_rows": kept, "removed_rows": removed, "rejected_rows": rejected,
-              "written_rows": written,
-              "balanced": input_rows == kept + removed + rejected and written == kept}
+              "skipped_shard_rows": skipped, "written_rows": written,
+              "balanced": input_rows == kept + removed + rejected + skipped and written == kept}
     if not result["balanced"]:
         raise AccountingError(f"accounting failed: input {input_rows} != kept {kept} + removed {removed} + "
-                              f"rejected {rejected}, or dedup/ holds {written} rows instead of {kept}")
+                              f"rejected {rejected} + in skipped shards {skipped}, or dedup/ holds {written} rows "
+                              f"instead of {kept}; nothing was published")
     return result
 
 

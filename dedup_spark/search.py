@@ -28,7 +28,7 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import kernels
+from dedup_spark import faults, kernels
 from dedup_spark.tables import binary_matrix, stream_groups
 
 EDGES_SCHEMA = T.StructType([
@@ -81,11 +81,11 @@ def _edges_batch(row_ids: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: 
 
 
 def search(routed: DataFrame, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool, partitions: int,
-           block_memory: int, bucket_width: int) -> DataFrame:
+           block_memory: int, bucket_width: int, fault_fraction: float = 0.0) -> DataFrame:
     """Edges (EDGES_SCHEMA) from every search task; a spanning edge found in several tasks may repeat."""
 
     def handle(task_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
-        del task_id
+        faults.maybe_fail("search", fault_fraction, task_id)
         bucket_id = int(rows.column("bucket_id")[0].as_py())
         yield from search_task(rows, dim, thresholds, block_rows, all_pairs, block_memory, bucket_id, bucket_width)
 

@@ -11,11 +11,45 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import random
 import re
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Whole operations (read a small object, list a prefix, read a header) retried on transient
+# errors beyond the SDK's per-request retries: a connection dropped mid-body surfaces from the
+# SDK as a failure it does not retry. Errors that retrying cannot fix, and refused connections
+# (the SDK has retried those already), are raised at once.
+OPERATION_ATTEMPTS = 3
+_PERMANENT = re.compile(r"Could not connect to server|Could not resolve host|ACCESS_DENIED|InvalidAccessKeyId|"
+                        r"SignatureDoesNotMatch|NoSuchBucket|NO_SUCH_BUCKET|"
+                        r"RESOURCE_NOT_FOUND|Path does not exist|not found|No such file|Is a directory|"
+                        r"Not a directory|Permission denied", re.IGNORECASE)
+
+
+def retrying(operation: Callable[..., T], *args: Any, uri: str | None = None) -> T:
+    """``operation(*args)``, retried with backoff on transient object-store errors."""
+    remote = uri is not None and scheme(uri) != "file"
+    attempts = min(OPERATION_ATTEMPTS, _attempts())
+    for attempt in range(attempts):
+        try:
+            return operation(*args)
+        except OSError as error:
+            if not remote or attempt == attempts - 1 or _PERMANENT.search(str(error)):
+                raise
+            delay = min(5.0, 0.2 * 2**attempt) * (0.5 + random.random())
+            log.warning("transient storage error on %s (attempt %d of %d, retrying in %.1f s): %s", uri, attempt + 1,
+                        attempts, delay, " ".join(str(error).split())[:200])
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
 
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
@@ -26,10 +60,20 @@ def scheme(uri: str) -> str:
 
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# Attempts per S3 request (the SDK's standard retry strategy, exponential backoff with jitter) and per
+# whole operation: storage.s3_attempts, carried to executors in this variable.
+ATTEMPTS_VARIABLE = "DEDUP_SPARK_S3_ATTEMPTS"
+S3_ATTEMPTS = 8
+S3_CONNECT_TIMEOUT = 5.0
+S3_REQUEST_TIMEOUT = 60.0
 REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def configure_s3(endpoint: str | None, region: str | None) -> dict[str, str]:
+def _attempts() -> int:
+    return max(1, int(os.environ.get(ATTEMPTS_VARIABLE) or S3_ATTEMPTS))
+
+
+def configure_s3(endpoint: str | None, region: str | None, attempts: int = S3_ATTEMPTS) -> dict[str, str]:
     """Put configured S3 settings into this process's environment, where every
     filesystem (here and in Python workers started later) finds them; returns
     the variables to pass to remote executors. Credentials are never handled here."""
@@ -38,7 +82,8 @@ def configure_s3(endpoint: str | None, region: str | None) -> dict[str, str]:
         os.environ["AWS_ENDPOINT_URL_S3"] = endpoint
     if region:
         os.environ["AWS_REGION"] = region
-    for name in ENDPOINT_VARIABLES + REGION_VARIABLES:
+    os.environ[ATTEMPTS_VARIABLE] = str(attempts)
+    for name in ENDPOINT_VARIABLES + REGION_VARIABLES + (ATTEMPTS_VARIABLE,):
         if os.environ.get(name):
             exported[name] = os.environ[name]
     _filesystem.cache_clear()
@@ -70,7 +115,7 @@ def _s3_credentials() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(kind: str, endpoint: str | None, region: str | None) -> pafs.FileSystem:
+def _filesystem(kind: str, endpoint: str | None, region: str | None, attempts: int = S3_ATTEMPTS) -> pafs.FileSystem:
     if kind == "s3":
         options: dict[str, Any] = {}
         if endpoint:
@@ -80,7 +125,11 @@ def _filesystem(kind: str, endpoint: str | None, region: str | None) -> pafs.Fil
         if region:
             options["region"] = region
         options.update(_s3_credentials())
-        return pafs.S3FileSystem(**options)
+        # Transient errors (5xx, throttling, dropped connections) are retried by the SDK with
+        # exponential backoff, request by request; a request that still fails fails its task,
+        # which Spark retries as a whole.
+        return pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts),
+                                 connect_timeout=S3_CONNECT_TIMEOUT, request_timeout=S3_REQUEST_TIMEOUT, **options)
     return pafs.LocalFileSystem()
 
 
@@ -93,7 +142,7 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
     if kind in ("s3", "s3a"):
         endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
         region = next((os.environ[v] for v in REGION_VARIABLES if os.environ.get(v)), None)
-        return _filesystem("s3", endpoint, region), uri.split("://", 1)[1].rstrip("/")
+        return _filesystem("s3", endpoint, region, _attempts()), uri.split("://", 1)[1].rstrip("/")
     filesystem, path = pafs.FileSystem.from_uri(uri)
     return filesystem, path
 
@@ -121,13 +170,13 @@ def is_within(inner: str, outer: str) -> bool:
 
 def exists(uri: str) -> bool:
     filesystem, path = resolve(uri)
-    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(filesystem.get_file_info, path, uri=uri).type != pafs.FileType.NotFound
 
 
 def file_infos(uri: str, recursive: bool = True) -> list[tuple[str, int, int]]:
     """(URI, size, modification time in ns) of every file under a prefix, sorted."""
     filesystem, path = resolve(uri)
-    info = filesystem.get_file_info(path)
+    info = retrying(filesystem.get_file_info, path, uri=uri)
     if info.type == pafs.FileType.NotFound:
         return []
     if info.type == pafs.FileType.File:
@@ -135,7 +184,7 @@ def file_infos(uri: str, recursive: bool = True) -> list[tuple[str, int, int]]:
     selector = pafs.FileSelector(path, recursive=recursive, allow_not_found=True)
     prefix = path.rstrip("/")
     found = [(join(uri, entry.path[len(prefix):]), entry.size, entry.mtime_ns or 0)
-             for entry in filesystem.get_file_info(selector) if entry.type == pafs.FileType.File]
+             for entry in retrying(filesystem.get_file_info, selector, uri=uri) if entry.type == pafs.FileType.File]
     return sorted(found)
 
 
@@ -146,16 +195,23 @@ def list_files(uri: str, recursive: bool = True) -> list[str]:
 
 def read_bytes(uri: str) -> bytes:
     filesystem, path = resolve(uri)
-    with filesystem.open_input_stream(path) as stream:
-        return stream.read()
+
+    def read() -> bytes:
+        with filesystem.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(read, uri=uri)
 
 
 def write_bytes(uri: str, payload: bytes) -> None:
     filesystem, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
-    with filesystem.open_output_stream(path) as stream:
-        stream.write(payload)
+
+    def write() -> None:
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as stream:
+            stream.write(payload)
+
+    retrying(write, uri=uri)
 
 
 def read_json(uri: str) -> Any:
@@ -168,26 +224,37 @@ def write_json(uri: str, payload: Any) -> None:
 
 def delete_tree(uri: str) -> None:
     filesystem, path = resolve(uri)
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.Directory:
-        filesystem.delete_dir(path)
-    elif info.type == pafs.FileType.File:
-        filesystem.delete_file(path)
+
+    def delete() -> None:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            filesystem.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            filesystem.delete_file(path)
+
+    retrying(delete, uri=uri)
 
 
 def list_entries(uri: str) -> list[str]:
     """The files and directories directly under a prefix."""
     filesystem, path = resolve(uri)
     selector = pafs.FileSelector(path, recursive=False, allow_not_found=True)
-    return sorted(join(uri, info.base_name) for info in filesystem.get_file_info(selector))
+    return sorted(join(uri, info.base_name) for info in retrying(filesystem.get_file_info, selector, uri=uri))
 
 
 def move(source: str, target: str) -> None:
     """Move one file (a rename locally; copy and delete on object stores)."""
     filesystem, source_path = resolve(source)
     _, target_path = resolve(target)
-    filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
-    filesystem.move(source_path, target_path)
+
+    def move_once() -> None:
+        if filesystem.get_file_info(source_path).type == pafs.FileType.NotFound and \
+                filesystem.get_file_info(target_path).type == pafs.FileType.File:
+            return  # an earlier attempt moved it and failed only in answering
+        filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        filesystem.move(source_path, target_path)
+
+    retrying(move_once, uri=source)
 
 
 def open_output(uri: str):

@@ -16,7 +16,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import storage
+from dedup_spark import faults, storage
 from dedup_spark.read import Manifest, Shard
 from dedup_spark.tables import stream_groups
 
@@ -53,30 +53,57 @@ def _write_parquet(source_uri: str, keep: np.ndarray, target: str) -> None:
                 start = stop
 
 
-def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str) -> int:
-    """Write the shard without ``drop_rows`` (positions) under ``dedup_uri``; rows written."""
+def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_uri: str | None = None) -> int:
+    """Write the shard without ``drop_rows`` (positions) under ``dedup_uri``; rows written.
+
+    With ``scratch_uri`` each file is written there first and then moved into
+    place, so a failed or speculative attempt never leaves a partial file where
+    the published output is assembled.
+    """
     keep = np.ones(shard.rows, dtype=bool)
     keep[drop_rows] = False
-    if shard.kind == "npy":
-        _write_npy(shard, keep, storage.join(dedup_uri, shard.relative[0]))
-        if shard.metadata_uri is not None:
-            _write_parquet(shard.metadata_uri, keep, storage.join(dedup_uri, shard.relative[1]))
-    else:
-        _write_parquet(shard.embedding_uri, keep, storage.join(dedup_uri, shard.relative[0]))
+    outputs = [(shard.relative[0], lambda target: (_write_npy(shard, keep, target) if shard.kind == "npy"
+                                                   else _write_parquet(shard.embedding_uri, keep, target)))]
+    if shard.kind == "npy" and shard.metadata_uri is not None:
+        outputs.append((shard.relative[1], lambda target: _write_parquet(shard.metadata_uri, keep, target)))
+    for relative, write_file in outputs:
+        final = storage.join(dedup_uri, relative)
+        if scratch_uri is None:
+            write_file(final)
+            continue
+        temporary = storage.join(scratch_uri, relative)
+        write_file(temporary)
+        storage.move(temporary, final)
     return int(keep.sum())
 
 
-def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup_uri: str) -> list[dict]:
-    """Rewrite every shard without the rows in ``drops`` (shard_id, shard_row); per-shard summaries."""
+def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup_uri: str, scratch_uri: str,
+                fault_fraction: float = 0.0, fault_drop_rows: int = 0) -> list[dict]:
+    """Rewrite every shard without the rows in ``drops`` (shard_id, shard_row); per-shard summaries.
+
+    ``fault_fraction`` / ``fault_drop_rows``: the test-only switches of ``run``
+    (failing first attempts; silently dropping kept rows of the first shard).
+    """
     payload = manifest.to_dict()
     # One sentinel row per shard so shards with nothing to drop are written too.
     sentinels = spark.createDataFrame([(s.shard_id, -1) for s in manifest.shards], "shard_id int, shard_row long")
     positions = drops.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long")).unionByName(sentinels)
 
     def handle(shard_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
+        from pyspark import TaskContext
+
         shard = Manifest.from_dict(payload).shards[int(shard_id)]
+        faults.maybe_fail("write", fault_fraction, shard.shard_id)
         drop_rows = rows.column("shard_row").to_numpy()
-        written = rewrite_shard(shard, drop_rows[drop_rows >= 0], dedup_uri)
+        drop_rows = drop_rows[drop_rows >= 0]
+        if fault_drop_rows and shard.shard_id == 0:
+            kept = np.setdiff1d(np.arange(shard.rows), drop_rows)
+            drop_rows = np.concatenate([drop_rows, kept[:fault_drop_rows]])
+        context = TaskContext.get()
+        attempt = f"shard-{shard.shard_id}-{context.stageId()}-{context.attemptNumber()}" if context else "driver"
+        written = rewrite_shard(shard, drop_rows, dedup_uri, storage.join(scratch_uri, attempt))
+        # The summary reports the rows the shard should hold; a silent drop shows up as a mismatch.
+        written += int(fault_drop_rows and shard.shard_id == 0 and min(fault_drop_rows, shard.rows))
         yield pa.RecordBatch.from_pydict(
             {"shard_id": [shard.shard_id], "rows_in": [shard.rows], "rows_written": [written]},
             schema=pa.schema([("shard_id", pa.int32(), False), ("rows_in", pa.int64(), False),
@@ -84,3 +111,23 @@ def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup
 
     summaries = stream_groups(positions, "shard_id", ["shard_row"], len(manifest.shards), handle, SHARD_SUMMARY_SCHEMA)
     return [row.asDict() for row in summaries.collect()]
+
+
+def count_written(manifest: Manifest, dedup_uri: str) -> int:
+    """Rows in the written dedup/ files, from their headers and footers: measured
+    independently of what the write tasks reported, for the accounting check."""
+    from dedup_spark.read import InputError, _npy_header, _parquet_footer
+
+    total = 0
+    for shard in manifest.shards:
+        counts = []
+        for index, relative in enumerate(shard.relative):
+            uri = storage.join(dedup_uri, relative)
+            is_npy = shard.kind == "npy" and index == 0
+            header = storage.retrying(_npy_header, uri, uri=uri) if is_npy else storage.retrying(
+                _parquet_footer, uri, None, "float16", uri=uri)
+            counts.append(header[0])
+        if len(set(counts)) != 1:
+            raise InputError(f"dedup/ files of shard {shard.relative} disagree on their row count: {counts}")
+        total += counts[0]
+    return total

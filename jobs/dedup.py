@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -54,18 +55,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("py4j").setLevel(logging.WARNING)
     from dedup_spark.pipeline import OutputError, run
     from dedup_spark.read import InputError
+    from dedup_spark.report import AccountingError
 
     try:
         result = run(config)
     except (config_module.ConfigError, InputError, OutputError) as error:
-        print(f"dedup.py: {error}", file=sys.stderr)
+        print(f"dedup.py: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # storage: unreachable endpoint, bad credentials, missing bucket
+        logging.getLogger("dedup_spark").debug("storage error", exc_info=True)
+        print(f"dedup.py: storage error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except AccountingError as error:
+        print(f"dedup.py: {_one_line(error)}", file=sys.stderr)
+        return 1
+    except Exception as error:  # noqa: BLE001 - a Spark task failure and the like: one line, traceback in the log
+        logging.getLogger("dedup_spark").error("job failed", exc_info=True)
+        print(f"dedup.py: job failed, nothing was published: {type(error).__name__}: {_one_line(error)}",
+              file=sys.stderr)
+        return 1
     counts = result["accounting"]
     print(f"rows in: {counts['input_rows']:,}  duplicate groups: {result['groups']['count']:,}  "
           f"rows removed: {counts['removed_rows']:,}  rejected: {counts['rejected_rows']:,}  "
           f"seconds: {result['timings_seconds']['total']:.1f}")
     print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, report.json, report.html)")
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line. Spark wraps a task's error in pages of Java and Python
+    traceback: the innermost ``SomethingError: message`` line says what happened."""
+    lines = str(error).splitlines()
+    causes = [line.strip() for line in lines if re.match(r"^\s*[\w.]+(Error|Exception|Fault)\b: ", line)]
+    text = " ".join((causes[-1] if len(lines) > 1 and causes else str(error)).split())
+    return text if len(text) <= 600 else text[:600] + " ..."
 
 
 if __name__ == "__main__":

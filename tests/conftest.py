@@ -22,7 +22,8 @@ os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 def spark():
     from pyspark.sql import SparkSession
 
-    session = (SparkSession.builder.master("local[2]").appName("dedup-spark-tests")
+    # local[2,4]: two cores, and a failed task is retried up to 4 times, as on a cluster.
+    session = (SparkSession.builder.master("local[2,4]").appName("dedup-spark-tests")
                .config("spark.driver.memory", "3g")
                .config("spark.sql.shuffle.partitions", "8")
                .config("spark.ui.enabled", "false")

@@ -105,15 +105,98 @@ def assert_no_credentials(texts: list[str], files: list[Path]) -> None:
         assert ACCESS_KEY.encode() not in payload and SECRET_KEY.encode() not in payload, path
 
 
-def test_s3_in_and_out_with_spark_submit(s3_endpoint, s3_sample, tmp_path):
+@pytest.fixture(scope="module")
+def clean_s3_run(s3_endpoint, s3_sample, tmp_path_factory):
+    """One spark-submit run from S3 to S3, downloaded: the reference for the fault cases."""
     env, client = s3_endpoint
     result = submit(env, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/laion",
                     "--output", f"s3://{BUCKET}/runs/local", "--set", "bucketing.k=1", "--set", "output.pairs=all")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    files = download(client, "runs/local/", tmp_path / "out")
-    check_outputs(tmp_path / "out", s3_sample)
+    out = tmp_path_factory.mktemp("clean-s3") / "out"
+    return result, download(client, "runs/local/", out), out
+
+
+def test_s3_in_and_out_with_spark_submit(s3_sample, clean_s3_run):
+    result, files, out = clean_s3_run
+    check_outputs(out, s3_sample)
     assert not any("_work" in str(p) for p in files), "the work prefix is removed after publishing"
     assert_no_credentials([result.stdout, result.stderr], files)
+
+
+def published_tables(out: Path) -> dict:
+    """The outputs as comparable values (part files are named per run and attempt)."""
+    import numpy as np
+
+    values = {}
+    for name in ("duplicates", "pairs", "rejected"):
+        table = pq.read_table(sorted((out / name).glob("part-*.parquet")))
+        values[name] = sorted(tuple(sorted(row.items())) for row in table.to_pylist())
+    for path in sorted((out / "dedup").rglob("*.*")):
+        key = str(path.relative_to(out))
+        values[key] = np.load(path).tobytes() if path.suffix == ".npy" else pq.read_table(path).to_pylist()
+    return values
+
+
+def test_transient_s3_faults_leave_the_outputs_identical(s3_endpoint, s3_sample, clean_s3_run, tmp_path):
+    from faultproxy import FaultProxy
+
+    env, client = s3_endpoint
+    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.08, seed=5) as proxy:
+        result = submit({**env, "AWS_ENDPOINT_URL": proxy.url}, str(REPO / "jobs" / "dedup.py"),
+                        "--input", f"s3://{BUCKET}/laion", "--output", f"s3://{BUCKET}/runs/faulty",
+                        "--set", "bucketing.k=1", "--set", "output.pairs=all", master="local[2,4]")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert proxy.counts["slow_down"] >= 3 and proxy.counts["dropped"] >= 3, proxy.counts
+    download(client, "runs/faulty/", tmp_path / "out")
+    check_outputs(tmp_path / "out", s3_sample)
+    assert published_tables(tmp_path / "out") == published_tables(clean_s3_run[2])
+
+
+def test_persistent_s3_faults_fail_cleanly_and_publish_nothing(s3_endpoint, s3_sample):
+    from faultproxy import FaultProxy
+
+    env, client = s3_endpoint
+    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.0, fail_all_after=120) as proxy:
+        result = submit({**env, "AWS_ENDPOINT_URL": proxy.url}, str(REPO / "jobs" / "dedup.py"),
+                        "--input", f"s3://{BUCKET}/laion", "--output", f"s3://{BUCKET}/runs/broken",
+                        "--set", "bucketing.k=1", "--set", "storage.s3_attempts=2", master="local[2,2]")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-3000:]
+    said = [line for line in output.splitlines() if line.startswith("dedup.py: ")]
+    assert len(said) == 1, output[-5000:]
+    assert "SlowDown" in said[0] or "storage error" in said[0] or "503" in said[0], said
+    published = [item["Key"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/broken/").get("Contents", [])]
+    assert not any(key.endswith("_SUCCESS") or "/dedup/" in key and "/_work/" not in key for key in published), published
+
+
+def test_unreachable_storage_and_bad_credentials_are_one_line_errors(s3_endpoint, s3_sample, monkeypatch, capsys):
+    from moto import settings
+
+    sys.path.insert(0, str(REPO / "jobs"))
+    import dedup as cli
+
+    from dedup_spark import storage
+
+    env, _ = s3_endpoint
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage._filesystem.cache_clear()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    arguments = ["--input", f"s3://{BUCKET}/laion", "--output", f"s3://{BUCKET}/runs/never", "--set", "storage.s3_attempts=2"]
+    assert cli.main(arguments) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # retry warnings, then the one-line error
+    assert lines[-1].startswith("dedup.py: storage error: ") and not any("Traceback" in line for line in lines), lines
+    monkeypatch.setenv("AWS_ENDPOINT_URL", env["AWS_ENDPOINT_URL"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOTAREALKEY00000")
+    monkeypatch.setattr(settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # moto now checks credentials
+    storage._filesystem.cache_clear()
+    assert cli.main(arguments) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("dedup.py: storage error: "), lines
+    assert not any("transient storage error" in line for line in lines), "bad credentials are not retried"
+    assert "ACCESS_DENIED" in lines[-1] or "InvalidAccessKeyId" in lines[-1] or "403" in lines[-1], lines
+    assert "AKIANOTAREALKEY00000" not in lines[-1] and SECRET_KEY not in lines[-1]
+    storage._filesystem.cache_clear()
 
 
 @pytest.fixture

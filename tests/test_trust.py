@@ -93,10 +93,10 @@ def test_lsh_bucketing_finds_only_true_pairs_and_reports_its_recall(spark, lossy
 def calibrated(spark, tmp_path_factory):
     """One run that calibrates three more thresholds from one search at 0.93."""
     directory = tmp_path_factory.mktemp("calibrate")
-    sample, root = make_sample(directory, rows=6_000, dim=48, seed=57)
+    sample, root = make_sample(directory, rows=4_000, dim=48, seed=57)
     out = directory / "out"
     report = run_job(spark, root, out, search__threshold=0.93, search__thresholds=[0.95, 0.97, 0.99],
-                     bucketing__k=30, bucketing__m=2, estimate__sample_rows=100)
+                     bucketing__k=20, bucketing__m=2, estimate__sample_rows=100)
     return sample, root, out, report
 
 
@@ -110,7 +110,7 @@ def test_per_threshold_counts_equal_separate_runs(spark, calibrated, tmp_path):
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
     for threshold in (0.95, 0.99):
         separate = run_job(spark, root, tmp_path / f"at-{threshold}", search__threshold=threshold,
-                           bucketing__k=30, bucketing__m=2, estimate__sample_rows=0, output__pairs="all")
+                           bucketing__k=20, bucketing__m=2, estimate__sample_rows=0, output__pairs="all")
         assert rows[threshold]["pairs"] == separate["search"]["pairs_found"] == len(output_pairs(tmp_path / f"at-{threshold}"))
         assert rows[threshold]["groups"] == separate["groups"]["count"]
         assert rows[threshold]["removed_rows"] == separate["accounting"]["removed_rows"]
