@@ -10,7 +10,6 @@ B(B-1)/2 block-pair tasks, so the search stays exact inside the bucket.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -138,8 +137,8 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
         center = sample.mean(axis=0) if len(sample) else np.zeros(dim, dtype=np.float32)
         planes = np.stack([np.random.default_rng(config.bucketing.seed + r).standard_normal((bits, dim))
                            for r in range(rounds)]).astype(np.float32)
-        _save_array(storage.join(model_uri, "lsh_center.npy"), center.astype(np.float32))
-        _save_array(storage.join(model_uri, "lsh_planes.npy"), planes)
+        storage.write_npy(storage.join(model_uri, "lsh_center.npy"), center.astype(np.float32))
+        storage.write_npy(storage.join(model_uri, "lsh_planes.npy"), planes)
         model = BucketModel("lsh", 1 << bits, min(config.bucketing.m, bits + 1), rounds, "lsh", len(sample))
     else:
         if valid_rows == 0 or k == 1 or config.bucketing.m >= k:
@@ -155,7 +154,7 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
         for r, round_centroids in enumerate(centroids):
             index = kernels.build_quantizer(round_centroids, kind, m)
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
-        _save_array(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
+        storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
         model = BucketModel("kmeans", k, m, rounds, kind, len(sample))
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model
@@ -168,16 +167,6 @@ def _training_sample(rows: DataFrame, valid_rows: int, dim: int, k: int, config:
     # the Python workers' pipes mid-stream.
     sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").toArrow()
     return binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
-
-
-def _save_array(uri: str, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    storage.write_bytes(uri, buffer.getvalue())
-
-
-def _load_array(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(uri)))
 
 
 def quantizer_kind(k: int, config: JobConfig) -> str:
@@ -197,8 +186,8 @@ def load_model(model_uri: str) -> tuple[BucketModel, Callable[[np.ndarray], np.n
         return _ASSIGNERS[model_uri]
     model = BucketModel(**storage.read_json(storage.join(model_uri, MODEL_FILE)))
     if model.method == "lsh":
-        center = _load_array(storage.join(model_uri, "lsh_center.npy"))
-        planes = _load_array(storage.join(model_uri, "lsh_planes.npy"))
+        center = storage.read_npy(storage.join(model_uri, "lsh_center.npy"))
+        planes = storage.read_npy(storage.join(model_uri, "lsh_planes.npy"))
 
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
             return kernels.lsh_buckets(embeddings, center, planes[r], model.m)

@@ -88,6 +88,16 @@ class KeepConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    queries_uri: str | None = None
+    queries_format: str = "auto"
+    exclude: bool = False
+    top_matches: int = 50
+    max_queries: int = 200000
+    baseline_rows: int = 10000
+
+
+@dataclass(frozen=True)
 class SparkConfig:
     master: str = "local[*]"
     driver_memory: str = "4g"
@@ -120,6 +130,7 @@ class JobConfig:
     group: GroupConfig = field(default_factory=GroupConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -236,6 +247,9 @@ def validate(config: JobConfig) -> None:
         (config.input.on_bad_shard in ("fail", "skip"), "input.on_bad_shard must be fail or skip"),
         (0.0 <= config.input.max_rejected_fraction <= 1.0, "input.max_rejected_fraction must be in [0, 1]"),
         (0.0 <= config.run.fault_task_fraction < 1.0, "run.fault_task_fraction must be in [0, 1)"),
+        (config.audit.queries_format in FORMATS, f"audit.queries_format must be one of {FORMATS}"),
+        (config.audit.top_matches >= 0 and config.audit.max_queries >= 1 and config.audit.baseline_rows >= 0,
+         "audit.top_matches and audit.baseline_rows must be >= 0, audit.max_queries >= 1"),
         (config.storage.s3_attempts >= 1, "storage.s3_attempts must be >= 1"),
         (config.run.fault_drop_rows >= 0, "run.fault_drop_rows must be >= 0"),
         (config.input.chunk_rows >= 1, "input.chunk_rows must be >= 1"),

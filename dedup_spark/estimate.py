@@ -17,21 +17,13 @@ clipped to [0, 1].
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import numpy as np
-import pyarrow as pa
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-from dedup_spark import kernels
+from dedup_spark import search
 from dedup_spark.tables import binary_matrix
-
-SAMPLE_PAIRS_SCHEMA = T.StructType([
-    T.StructField("sample_row_id", T.LongType(), False),
-    T.StructField("row_id", T.LongType(), False),
-])
 
 
 def ratio_interval(closed: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
@@ -56,19 +48,9 @@ def sample_true_pairs(valid: DataFrame, sample_rows: int, valid_count: int, dim:
     ids = picked.column("row_id").to_numpy()[:sample_rows]
     sample = binary_matrix(picked.column("embedding"), dim)[:sample_rows].copy()
 
-    def scan(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            rows = binary_matrix(batch.column("embedding"), dim)
-            row_ids = batch.column("row_id").to_numpy()
-            for i, j, _ in kernels.search_pairs(sample, rows, threshold):
-                other = row_ids[j]
-                keep = other != ids[i]
-                yield pa.RecordBatch.from_arrays([pa.array(ids[i][keep]), pa.array(other[keep])],
-                                                 names=SAMPLE_PAIRS_SCHEMA.names)
-
-    return valid.mapInArrow(scan, SAMPLE_PAIRS_SCHEMA), len(ids)
+    pairs = search.scan_probes(valid, ids, sample, dim, threshold)
+    return (pairs.where(F.col("probe_id") != F.col("row_id"))
+            .select(F.col("probe_id").alias("sample_row_id"), "row_id"), len(ids))
 
 
 def estimate_recall(sample_pairs: DataFrame, sampled: int, duplicates: DataFrame, pairs: DataFrame | None) -> dict:

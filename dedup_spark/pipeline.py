@@ -18,7 +18,6 @@ per-bucket and per-reason counts, per-shard write summaries.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -92,16 +91,6 @@ class StageRunner:
         return result
 
 
-def _save_npy(uri: str, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    storage.write_bytes(uri, buffer.getvalue())
-
-
-def _load_npy(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(uri)))
-
-
 def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the whole job; return the report (also written to report.json)."""
     executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region, config.storage.s3_attempts)
@@ -172,11 +161,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                          "buckets each: rows would go unsearched")
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
-        _save_npy(storage.join(work, "bucket_sizes.npy"), sizes)
+        storage.write_npy(storage.join(work, "bucket_sizes.npy"), sizes)
         return {"rows": info.rows, "buckets": len(sizes), "note": f"{len(sizes)} non-empty buckets"}
 
     assign_result = stages.run("assign", {}, assign_stage)
-    bucket_sizes = {int(b): int(c) for b, c in _load_npy(storage.join(work, "bucket_sizes.npy"))}
+    bucket_sizes = {int(b): int(c) for b, c in storage.read_npy(storage.join(work, "bucket_sizes.npy"))}
     task_memory = bucket.task_memory_bytes(spark)
     cap = bucket.max_task_rows(task_memory, dim, config)
     edges_uri = storage.join(work, "edges")
@@ -226,9 +215,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
-        views = report.dataset_views(tables.read_table(spark, duplicates_uri),
-                                     metadata if metadata is not None else read_metadata(spark, manifest, config),
-                                     list(bucket_sizes.values()))
+        shown = read_metadata(spark, manifest, config, report.SHOWN_COLUMNS) if groups else None
+        views = report.dataset_views(tables.read_table(spark, duplicates_uri), shown, list(bucket_sizes.values()))
         return {"rows": info.rows, "groups": groups, "removed_rows": int(totals["removed"] or 0),
                 "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows, "calibration": calibration, "views": views,
                 "note": f"{groups} groups, {cc_stats['rounds']} rounds"}

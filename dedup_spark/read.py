@@ -419,13 +419,18 @@ def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:
     return pa.schema([f for f in schema if f.name not in drop])
 
 
-def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig) -> DataFrame | None:
-    """``row_id`` plus every non-embedding input column, read in tasks; None for npy input."""
+def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig,
+                  columns: list[str] | None = None) -> DataFrame | None:
+    """``row_id`` plus every non-embedding input column (or those of ``columns`` that exist),
+    read in tasks; None for npy input."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
     schema = metadata_schema(manifest, config)
     if schema is None:
         return None
+    if columns is not None:
+        wanted = set(columns) | ({config.input.id_column} if config.input.id_column else set())
+        schema = pa.schema([f for f in schema if f.name in wanted])
     keep_names = [f.name for f in schema]
     spark_schema = T.StructType([T.StructField("row_id", T.LongType(), True),
                                  *[f for f in from_arrow_schema(schema) if f.name != "row_id"]])

@@ -64,6 +64,9 @@ LARGEST_GROUPS = 50
 _SHOWN_COLUMNS = {"key": ("key", "id", "uid"), "caption": ("caption", "text", "title"), "url": ("url", "image_url")}
 
 
+SHOWN_COLUMNS = [name for names in _SHOWN_COLUMNS.values() for name in names]
+
+
 def dataset_views(duplicates, metadata, bucket_sizes: list[int]) -> dict[str, Any]:
     """Small summaries for the report, computed in Spark and collected: the group-size
     distribution, the bucket-size distribution, and the largest groups with the metadata

@@ -111,3 +111,30 @@ def search_stats(edges: DataFrame, levels: int) -> tuple[list[int], list[int]]:
         target = pair_counts if row["level"] == PAIR_COUNT else histogram
         target[int(row["row_id_a"])] = int(row["count"])
     return pair_counts, histogram
+
+
+PROBE_PAIRS_SCHEMA = T.StructType([
+    T.StructField("probe_id", T.LongType(), False),
+    T.StructField("row_id", T.LongType(), False),
+    T.StructField("similarity", T.FloatType(), False),
+])
+
+
+def scan_probes(rows: DataFrame, probe_ids: np.ndarray, probes: np.ndarray, dim: int, threshold: float) -> DataFrame:
+    """Every (probe, row) with cosine >= threshold: a small probe matrix, shipped to the tasks,
+    compared exactly with every row of ``rows`` (row_id, embedding) in one scan (PROBE_PAIRS_SCHEMA).
+
+    Used for the recall estimate (probes: sampled rows) and for audits (probes: query embeddings).
+    """
+
+    def scan(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            embeddings = binary_matrix(batch.column("embedding"), dim)
+            row_ids = batch.column("row_id").to_numpy()
+            for i, j, similarity in kernels.search_pairs(probes, embeddings, threshold):
+                yield pa.RecordBatch.from_arrays([pa.array(probe_ids[i]), pa.array(row_ids[j]),
+                                                  pa.array(similarity, pa.float32())], names=PROBE_PAIRS_SCHEMA.names)
+
+    return rows.select("row_id", "embedding").mapInArrow(scan, PROBE_PAIRS_SCHEMA)

@@ -222,6 +222,24 @@ def write_json(uri: str, payload: Any) -> None:
     write_bytes(uri, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
+def write_npy(uri: str, array: Any) -> None:
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_bytes(uri, buffer.getvalue())
+
+
+def read_npy(uri: str) -> Any:
+    import io
+
+    import numpy as np
+
+    return np.load(io.BytesIO(read_bytes(uri)))
+
+
 def delete_tree(uri: str) -> None:
     filesystem, path = resolve(uri)
 

@@ -116,11 +116,23 @@ def clean_s3_run(s3_endpoint, s3_sample, tmp_path_factory):
     return result, download(client, "runs/local/", out), out
 
 
-def test_s3_in_and_out_with_spark_submit(s3_sample, clean_s3_run):
+def test_s3_in_and_out_with_spark_submit(s3_endpoint, s3_sample, clean_s3_run):
+    env, _ = s3_endpoint
     result, files, out = clean_s3_run
     check_outputs(out, s3_sample)
     assert not any("_work" in str(p) for p in files), "the work prefix is removed after publishing"
     assert_no_credentials([result.stdout, result.stderr], files)
+    assert f"rows in: {len(s3_sample.embeddings):,}" in result.stdout
+    # One progress line per stage, with rows and seconds (spark-submit merges the
+    # Python driver's stderr into its stdout).
+    lines = (result.stdout + result.stderr).splitlines()
+    for stage in ("read", "train", "assign", "search", "group", "estimate", "write"):
+        assert any(f"stage {stage}:" in line and " s" in line and "rows" in line for line in lines), stage
+    # A second run without --overwrite refuses to replace the published result, before starting Spark.
+    again = subprocess.run([sys.executable, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/laion",
+                            "--output", f"s3://{BUCKET}/runs/local"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=300)
+    assert again.returncode == 2 and "--overwrite" in again.stderr
 
 
 def published_tables(out: Path) -> dict:
@@ -141,7 +153,7 @@ def test_transient_s3_faults_leave_the_outputs_identical(s3_endpoint, s3_sample,
     from faultproxy import FaultProxy
 
     env, client = s3_endpoint
-    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.08, seed=5) as proxy:
+    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.05, seed=5) as proxy:
         result = submit({**env, "AWS_ENDPOINT_URL": proxy.url}, str(REPO / "jobs" / "dedup.py"),
                         "--input", f"s3://{BUCKET}/laion", "--output", f"s3://{BUCKET}/runs/faulty",
                         "--set", "bucketing.k=1", "--set", "output.pairs=all", master="local[2,4]")
@@ -246,39 +258,45 @@ def standalone_cluster(tmp_path, s3_endpoint):
                 os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_s3_on_a_standalone_cluster(s3_endpoint, s3_sample, standalone_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def s3_parquet(s3_endpoint, tmp_path_factory):
+    """Parquet shards (fixed-size float32 lists) on S3, and their sample."""
     env, client = s3_endpoint
+    from dedup_spark.sample import SampleSpec, generate, write
+
+    sample = generate(SampleSpec(rows=1500, dim=24, seed=22))
+    local = tmp_path_factory.mktemp("pq") / "pq"
+    write(sample, local, "parquet", shard_rows=500, dtype="float32", list_type="fixed_size_list")
+    for path in local.glob("*.parquet"):
+        client.upload_file(str(path), BUCKET, f"pq/{path.name}")
+    return sample, local
+
+
+def test_parquet_on_s3_on_a_standalone_cluster(s3_endpoint, s3_parquet, standalone_cluster, tmp_path):
+    env, client = s3_endpoint
+    sample, local = s3_parquet
     master, cluster_dir = standalone_cluster
     built = subprocess.run(["make", "-s", "zip"], cwd=REPO, capture_output=True, text=True)
     assert built.returncode == 0, built.stderr
     result = submit(env, "--py-files", str(REPO / "dist" / "dedup_spark.zip"),
                     "--conf", "spark.executor.memory=2g", "--conf", "spark.driver.host=127.0.0.1",
-                    str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/laion",
+                    str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/pq",
                     "--output", f"s3://{BUCKET}/runs/cluster", "--set", "bucketing.k=1", "--set", "output.pairs=all",
                     master=master)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    files = download(client, "runs/cluster/", tmp_path / "out")
-    check_outputs(tmp_path / "out", s3_sample)
+    out = tmp_path / "out"
+    files = download(client, "runs/cluster/", out)
+    oracle = brute_force_pairs(normalize(sample.embeddings.astype("float32")), 0.95)
+    duplicates = pq.read_table(sorted((out / "duplicates").glob("part-*.parquet")))
+    assert dict(zip(duplicates.column("row_id").to_pylist(), duplicates.column("group_id").to_pylist())) == groups_of(oracle)
+    pairs = pq.read_table(sorted((out / "pairs").glob("part-*.parquet")))
+    assert set(zip(pairs.column("row_id_a").to_pylist(), pairs.column("row_id_b").to_pylist())) == set(oracle)
+    kept = pa.concat_tables([pq.read_table(p) for p in sorted((out / "dedup").glob("*.parquet"))])
+    assert kept.num_rows == 1500 - sum(1 for r, g in groups_of(oracle).items() if r != g)
+    assert pq.read_schema(out / "dedup" / "part_0.parquet") == pq.read_schema(local / "part_0.parquet")
+    assert json.loads((out / "report.json").read_text())["accounting"]["balanced"]
     # The work ran on the cluster's executor, not in the driver.
     executor_logs = [p for p in (cluster_dir / "worker").rglob("stderr")]
     assert executor_logs, "no executor ran on the standalone worker"
     logs = [p.read_text(errors="replace") for p in executor_logs + list((cluster_dir / "cluster-logs").glob("*.log"))]
     assert_no_credentials([result.stdout, result.stderr, *logs], files)
-
-
-def test_parquet_input_on_s3(s3_endpoint, tmp_path):
-    env, client = s3_endpoint
-    from dedup_spark.sample import SampleSpec, generate, write
-
-    sample = generate(SampleSpec(rows=1500, dim=24, seed=22))
-    write(sample, tmp_path / "pq", "parquet", shard_rows=500, dtype="float32", list_type="fixed_size_list")
-    for path in (tmp_path / "pq").glob("*.parquet"):
-        client.upload_file(str(path), BUCKET, f"pq/{path.name}")
-    result = submit(env, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/pq",
-                    "--output", f"s3://{BUCKET}/runs/pq", "--set", "bucketing.k=1")
-    assert result.returncode == 0, result.stdout[-3000:]
-    download(client, "runs/pq/", tmp_path / "out")
-    oracle = groups_of(brute_force_pairs(normalize(sample.embeddings.astype("float32")), 0.95))
-    kept = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out" / "dedup").glob("*.parquet"))])
-    assert kept.num_rows == 1500 - sum(1 for r, g in oracle.items() if r != g)
-    assert pq.read_schema(tmp_path / "out" / "dedup" / "part_0.parquet") == pq.read_schema(tmp_path / "pq" / "part_0.parquet")
