@@ -20,7 +20,9 @@ def make_sample(directory: Path, rows: int, dim: int = 64, seed: int = 0, fmt: s
 
 
 def run_job(spark, input_dir, output_dir, **settings) -> dict:
-    overrides = {"input.uri": str(input_dir), "output.uri": str(output_dir)}
+    """The job in-process. The recall estimate is off unless asked for: it has its own tests, and the
+    spark-submit tests run it with the defaults."""
+    overrides = {"input.uri": str(input_dir), "output.uri": str(output_dir), "estimate.sample_rows": 0}
     overrides.update({key.replace("__", "."): value for key, value in settings.items()})
     return run(config_module.load(None, overrides), spark)
 

@@ -196,7 +196,7 @@ def _tables(out: Path) -> dict:
 
 
 def test_injected_task_failures_leave_the_outputs_identical(spark, tmp_path):
-    sample, root = make_sample(tmp_path, rows=3000, dim=32, seed=61)
+    sample, root = make_sample(tmp_path, rows=2000, dim=32, seed=61)
     settings = {"input__chunk_rows": 500, "bucketing__k": 8, "output__pairs": "all", "estimate__sample_rows": 50}
     clean = tmp_path / "clean"
     run_job(spark, root, clean, **settings)
