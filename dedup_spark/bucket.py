@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -99,6 +100,9 @@ class BucketModel:
     rounds: int
     assign: str  # flat | hnsw (k-means) or lsh
     train_rows: int = 0
+    # Unique per training: Python workers cache the loaded model by (URI, model_id), so a new
+    # model written to the same URI (a rerun into the same output) is never mistaken for the old.
+    model_id: str = ""
 
     @property
     def width(self) -> int:
@@ -156,6 +160,7 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
         storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
         model = BucketModel("kmeans", k, m, rounds, kind, len(sample))
+    model = dataclasses.replace(model, model_id=uuid.uuid4().hex)
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model
 
@@ -179,11 +184,12 @@ def quantizer_kind(k: int, config: JobConfig) -> str:
 _ASSIGNERS: dict[str, tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]] = {}
 
 
-def load_model(model_uri: str) -> tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]:
+def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]:
     """The stored bucketing and a function from unit rows to their global bucket ids
-    (n x width, sorted), read once per Python worker."""
-    if model_uri in _ASSIGNERS:
-        return _ASSIGNERS[model_uri]
+    (n x width, sorted), read once per Python worker and model_id."""
+    key = f"{model_uri}#{model_id}"
+    if model_id and key in _ASSIGNERS:
+        return _ASSIGNERS[key]
     model = BucketModel(**storage.read_json(storage.join(model_uri, MODEL_FILE)))
     if model.method == "lsh":
         center = storage.read_npy(storage.join(model_uri, "lsh_center.npy"))
@@ -209,15 +215,15 @@ def load_model(model_uri: str) -> tuple[BucketModel, Callable[[np.ndarray], np.n
         ids = [per_round(embeddings, r) + r * model.buckets_per_round for r in range(model.rounds)]
         return np.sort(np.concatenate(ids, axis=1), axis=1)
 
-    _ASSIGNERS[model_uri] = (model, assign_rows)
-    return _ASSIGNERS[model_uri]
+    _ASSIGNERS[key] = (model, assign_rows)
+    return _ASSIGNERS[key]
 
 
-def assign(rows: DataFrame, model_uri: str, dim: int) -> DataFrame:
+def assign(rows: DataFrame, model_uri: str, dim: int, model_id: str = "") -> DataFrame:
     """Every valid row once per bucket it joins (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        _, assign_rows = load_model(model_uri)
+        _, assign_rows = load_model(model_uri, model_id)
         for batch in batches:
             if batch.num_rows == 0:
                 continue

@@ -155,7 +155,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
-        info = tables.write_table(bucket.assign(valid, model_uri, dim), assigned_uri)
+        info = tables.write_table(bucket.assign(valid, model_uri, dim, model.model_id), assigned_uri)
         if info.rows != valid_rows * model.width:
             raise report.AccountingError(f"assign wrote {info.rows} rows, not {valid_rows} valid rows x {model.width} "
                                          "buckets each: rows would go unsearched")
