@@ -215,7 +215,9 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
-        shown = read_metadata(spark, manifest, config, report.SHOWN_COLUMNS) if groups else None
+        # The keep policy's metadata, when it was read, already holds the shown columns: one scan, not two.
+        shown = None if not groups else (
+            metadata if metadata is not None else read_metadata(spark, manifest, config, report.SHOWN_COLUMNS))
         views = report.dataset_views(tables.read_table(spark, duplicates_uri), shown, list(bucket_sizes.values()))
         return {"rows": info.rows, "groups": groups, "removed_rows": int(totals["removed"] or 0),
                 "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows, "calibration": calibration, "views": views,
