@@ -21,6 +21,9 @@ import yaml
 FORMATS = ("auto", "laion", "parquet", "npy")
 PAIR_OUTPUTS = ("all", "spanning", "none")
 BUCKETING_METHODS = ("kmeans", "lsh")
+CAPTION_POLICIES = ("ignore", "merge", "keep_distinct")
+# Caption columns recognised by captions.column: auto (case-insensitive, first match wins).
+CAPTION_COLUMNS = ("caption", "text", "title")
 STAGES = ("read", "train", "assign", "search", "group", "estimate", "write")
 
 
@@ -88,6 +91,17 @@ class KeepConfig:
 
 
 @dataclass(frozen=True)
+class CaptionsConfig:
+    policy: str = "ignore"
+    column: str | None = "auto"
+    shingles: str = "chars"
+    shingle_size: int = 4
+    num_perm: int = 128
+    same_caption: float = 0.7
+    max_merged: int = 100
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     queries_uri: str | None = None
     queries_format: str = "auto"
@@ -129,6 +143,7 @@ class JobConfig:
     bucketing: BucketingConfig = field(default_factory=BucketingConfig)
     group: GroupConfig = field(default_factory=GroupConfig)
     keep: KeepConfig = field(default_factory=KeepConfig)
+    captions: CaptionsConfig = field(default_factory=CaptionsConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     spark: SparkConfig = field(default_factory=SparkConfig)
@@ -247,6 +262,12 @@ def validate(config: JobConfig) -> None:
         (config.input.on_bad_shard in ("fail", "skip"), "input.on_bad_shard must be fail or skip"),
         (0.0 <= config.input.max_rejected_fraction <= 1.0, "input.max_rejected_fraction must be in [0, 1]"),
         (0.0 <= config.run.fault_task_fraction < 1.0, "run.fault_task_fraction must be in [0, 1)"),
+        (config.captions.policy in CAPTION_POLICIES, f"captions.policy must be one of {CAPTION_POLICIES}"),
+        (config.captions.shingles in ("chars", "words"), "captions.shingles must be chars or words"),
+        (config.captions.shingle_size >= 1, "captions.shingle_size must be >= 1"),
+        (8 <= config.captions.num_perm <= 1024, "captions.num_perm must be in [8, 1024]"),
+        (0.0 < config.captions.same_caption <= 1.0, "captions.same_caption must be in (0, 1]"),
+        (config.captions.max_merged >= 1, "captions.max_merged must be >= 1"),
         (config.audit.queries_format in FORMATS, f"audit.queries_format must be one of {FORMATS}"),
         (config.audit.top_matches >= 0 and config.audit.max_queries >= 1 and config.audit.baseline_rows >= 0,
          "audit.top_matches and audit.baseline_rows must be >= 0, audit.max_queries >= 1"),

@@ -109,6 +109,9 @@ DUPLICATES_SCHEMA = T.StructType([
     T.StructField("group_size", T.LongType(), False),
     T.StructField("is_kept", T.BooleanType(), False),
     T.StructField("similarity_to_kept", T.FloatType(), False),
+    # Filled by dedup_spark.captions when the input has captions; null otherwise.
+    T.StructField("caption_similarity", T.FloatType(), True),
+    T.StructField("caption_group", T.LongType(), True),
 ])
 
 
@@ -131,7 +134,8 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
             sim = np.einsum("ij,ij->i", own, best)
             sim[is_kept.to_numpy(zero_copy_only=False)] = 1.0
             yield pa.RecordBatch.from_arrays(
-                [row_id, batch.column("group_id"), batch.column("group_size"), is_kept, pa.array(sim, pa.float32())],
+                [row_id, batch.column("group_id"), batch.column("group_size"), is_kept, pa.array(sim, pa.float32()),
+                 pa.nulls(batch.num_rows, pa.float32()), pa.nulls(batch.num_rows, pa.int64())],
                 names=DUPLICATES_SCHEMA.names)
 
     columns = joined.select("row_id", "group_id", "group_size", "kept_row_id", "embedding", "kept_embedding")

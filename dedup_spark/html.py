@@ -156,6 +156,15 @@ def render(report: dict) -> str:
                                      ("direct recall", "recall_estimate.direct_recall"),
                                      ("cost, seconds", "recall_estimate.seconds"),
                                      ("cost, share of the run", "recall_estimate.fraction_of_run")]))
+    if report.get("captions"):
+        sections.append("<h2>Captions</h2>" + _rows(report, [
+            ("policy", "captions.policy"), ("caption column", "captions.column"),
+            ("members compared with their kept row", "captions.members_with_similarity"),
+            ("mean caption similarity to kept", "captions.mean_caption_similarity_to_kept"),
+            ("caption clusters", "captions.caption_clusters"),
+            ("groups with several captions", "captions.groups_with_several_captions"),
+            ("rows kept for their caption", "captions.rows_kept_for_their_caption"),
+            ("kept rows with merged captions", "captions.merged_rows")]))
     calibration = report.get("calibration") or []
     header = "<tr><th>threshold</th><th>pairs</th><th>groups</th><th>rows removed</th></tr>"
     body = "".join("<tr>" + "".join(_cell(report, f"calibration.{i}.{name}")

@@ -30,9 +30,9 @@ import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import bucket, estimate, group, html, kernels, report, search, storage, tables, write
+from dedup_spark import bucket, captions, estimate, group, html, kernels, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.read import InputError, build_manifest, read_metadata, read_rows
+from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, read_rows
 
 log = logging.getLogger("dedup_spark")
 
@@ -106,6 +106,9 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     all_pairs = config.output.pairs == "all"
     manifest = build_manifest(config)
     dim = manifest.dim
+    input_columns = metadata_schema(manifest, config)
+    # Checked before any work: a caption policy that cannot apply fails here.
+    caption_name = captions.caption_column([] if input_columns is None else input_columns.names, config)
     rows_uri = storage.join(work, "read")
 
     def read_stage() -> dict[str, Any]:
@@ -189,13 +192,35 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
+    merged_uri = storage.join(work, "merged_captions")
 
     def group_stage() -> dict[str, Any]:
         edges = tables.read_table(spark, edges_uri)
+        step = report.StepLog("group")
         members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config)
+        step.done("connected components")
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
-        info = tables.write_table(group.duplicates_table(members, kept, valid, dim), duplicates_uri)
+        duplicates = group.duplicates_table(members, kept, valid, dim)
+        merged_rows = None
+        if caption_name is None:
+            info = tables.write_table(duplicates, duplicates_uri)
+            step.done("duplicates/ with similarity to kept")
+        else:
+            # Signatures are stored once: similarity, clustering and merging each read them.
+            base_uri, signed_uri = storage.join(work, "duplicates_base"), storage.join(work, "caption_signatures")
+            tables.write_table(duplicates, base_uri)
+            step.done("duplicates with similarity to kept")
+            base = tables.read_table(spark, base_uri)
+            source = metadata if metadata is not None else read_metadata(spark, manifest, config, [caption_name])
+            caption_rows = source.select("row_id", F.col(caption_name).alias("caption"))
+            tables.write_table(captions.signed_members(base, caption_rows, config), signed_uri)
+            step.done("caption signatures")
+            annotated = captions.annotate(base, caption_rows, metadata, config, tables.read_table(spark, signed_uri))
+            info = tables.write_table(annotated.duplicates, duplicates_uri)
+            if annotated.merged is not None:
+                merged_rows = tables.write_table(annotated.merged, merged_uri).rows
+            step.done(f"captions ({config.captions.policy})")
         totals = tables.read_table(spark, duplicates_uri, ["group_id", "is_kept"]).agg(
             F.countDistinct("group_id").alias("groups"),
             F.sum(F.when(~F.col("is_kept"), 1).otherwise(0)).alias("removed")).first()
@@ -206,25 +231,33 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             # A spanning edge found by several tasks (soft assignment) is written once.
             spanning = search.forest(edges).groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity"))
             pairs_rows = tables.write_table(spanning, storage.join(staged, "pairs")).rows
+        step.done("totals and pairs/")
         groups = int(totals["groups"])
+        # By embeddings alone, like the other thresholds' rows (keep_distinct may keep more).
         calibration = [{"threshold": threshold, "pairs": search_result["pair_counts"][0], "groups": groups,
-                        "removed_rows": int(totals["removed"] or 0)}]
+                        "removed_rows": info.rows - groups}]
         for level, extra in enumerate(thresholds[1:], start=1):
             extra_members, _ = group.connected_components(
                 search.forest(edges, level).select("row_id_a", "row_id_b"), config)
             counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
+        step.done("calibration")
         # The keep policy's metadata, when it was read, already holds the shown columns: one scan, not two.
         shown = None if not groups else (
             metadata if metadata is not None else read_metadata(spark, manifest, config, report.SHOWN_COLUMNS))
         views = report.dataset_views(tables.read_table(spark, duplicates_uri), shown, list(bucket_sizes.values()))
+        caption_report = None if caption_name is None else captions.summary(
+            tables.read_table(spark, duplicates_uri), caption_name, merged_rows, config)
+        step.done("report views")
         return {"rows": info.rows, "groups": groups, "removed_rows": int(totals["removed"] or 0),
                 "cc_rounds": cc_stats["rounds"], "pairs_rows": pairs_rows, "calibration": calibration, "views": views,
+                "captions": caption_report,
                 "note": f"{groups} groups, {cc_stats['rounds']} rounds"}
 
     group_result = stages.run("group", {"group": config.to_dict()["group"], "keep": config.to_dict()["keep"],
-                                        "pairs": config.output.pairs}, group_stage)
+                                        "captions": config.to_dict()["captions"], "pairs": config.output.pairs},
+                              group_stage)
 
     def estimate_stage() -> dict[str, Any]:
         if config.estimate.sample_rows == 0 or valid_rows == 0:
@@ -247,8 +280,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         drops = removed.select("shard_id", "shard_row").unionByName(
             rows.where(F.col("reject_reason").isNotNull()).select("shard_id", "shard_row"))
         dedup_uri = storage.join(staged, "dedup")
+        merged = None
+        if group_result.get("captions") and group_result["captions"].get("merged_rows") is not None:
+            merged = tables.read_table(spark, merged_uri).join(positions, "row_id")
         summaries = write.write_dedup(spark, manifest, drops, dedup_uri, storage.join(work, "scratch"),
-                                      config.run.fault_task_fraction, config.run.fault_drop_rows)
+                                      config.run.fault_task_fraction, config.run.fault_drop_rows, merged)
         reported = sum(s["rows_written"] for s in summaries)
         written = write.count_written(manifest, dedup_uri)
         if written != reported:
@@ -283,6 +319,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                  "counts": search_result["histogram"]},
         "groups": {"count": group_result["groups"], "rows_in_groups": group_result["rows"],
                    "cc_rounds": group_result["cc_rounds"]},
+        "captions": group_result["captions"],
         "recall_estimate": {key: value for key, value in estimate_result.items() if key not in ("rows", "note")},
         "stages_reused": stages.reused,
         "timings_seconds": dict(stages.timer.seconds),

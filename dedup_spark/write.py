@@ -26,6 +26,8 @@ SHARD_SUMMARY_SCHEMA = T.StructType([
     T.StructField("rows_written", T.LongType(), False),
 ])
 _COPY_ROWS = 65536
+# Added by captions.policy merge: the kept row's distinct captions (null for rows without copies).
+CAPTIONS_COLUMN = "captions"
 
 
 def _write_npy(shard: Shard, keep: np.ndarray, target: str) -> None:
@@ -41,21 +43,29 @@ def _write_npy(shard: Shard, keep: np.ndarray, target: str) -> None:
             sink.write(np.ascontiguousarray(block[keep[start:stop]]).tobytes())
 
 
-def _write_parquet(source_uri: str, keep: np.ndarray, target: str) -> None:
+def _write_parquet(source_uri: str, keep: np.ndarray, target: str, captions: pa.Array | None = None) -> None:
+    """Copy the kept rows, row group by row group; ``captions`` (one list per input row) is appended."""
     with storage.open_input(source_uri) as source, storage.open_output(target) as sink:
         parquet = pq.ParquetFile(source)
-        with pq.ParquetWriter(sink, parquet.schema_arrow) as writer:
+        schema = parquet.schema_arrow if captions is None else parquet.schema_arrow.append(
+            pa.field(CAPTIONS_COLUMN, captions.type))
+        with pq.ParquetWriter(sink, schema) as writer:
             start = 0
             for group in range(parquet.num_row_groups):
                 table = parquet.read_row_group(group)
                 stop = start + table.num_rows
+                if captions is not None:
+                    table = table.append_column(CAPTIONS_COLUMN, captions.slice(start, stop - start))
                 writer.write_table(table.filter(pa.array(keep[start:stop])))
                 start = stop
 
 
-def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_uri: str | None = None) -> int:
+def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_uri: str | None = None,
+                  captions: pa.Array | None = None) -> int:
     """Write the shard without ``drop_rows`` (positions) under ``dedup_uri``; rows written.
 
+    ``captions``: a list<string> per input row, added as the ``captions`` column of
+    the shard's parquet file (its metadata file for npy input).
     With ``scratch_uri`` each file is written there first and then moved into
     place, so a failed or speculative attempt never leaves a partial file where
     the published output is assembled.
@@ -63,9 +73,9 @@ def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_u
     keep = np.ones(shard.rows, dtype=bool)
     keep[drop_rows] = False
     outputs = [(shard.relative[0], lambda target: (_write_npy(shard, keep, target) if shard.kind == "npy"
-                                                   else _write_parquet(shard.embedding_uri, keep, target)))]
+                                                   else _write_parquet(shard.embedding_uri, keep, target, captions)))]
     if shard.kind == "npy" and shard.metadata_uri is not None:
-        outputs.append((shard.relative[1], lambda target: _write_parquet(shard.metadata_uri, keep, target)))
+        outputs.append((shard.relative[1], lambda target: _write_parquet(shard.metadata_uri, keep, target, captions)))
     for relative, write_file in outputs:
         final = storage.join(dedup_uri, relative)
         if scratch_uri is None:
@@ -78,30 +88,46 @@ def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_u
 
 
 def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup_uri: str, scratch_uri: str,
-                fault_fraction: float = 0.0, fault_drop_rows: int = 0) -> list[dict]:
+                fault_fraction: float = 0.0, fault_drop_rows: int = 0, merged: DataFrame | None = None) -> list[dict]:
     """Rewrite every shard without the rows in ``drops`` (shard_id, shard_row); per-shard summaries.
 
+    ``merged`` (shard_id, shard_row, captions): captions.policy merge's lists; when
+    given, every shard gains the ``captions`` column (null where no list).
     ``fault_fraction`` / ``fault_drop_rows``: the test-only switches of ``run``
     (failing first attempts; silently dropping kept rows of the first shard).
     """
     payload = manifest.to_dict()
+    add_captions = merged is not None
+    no_list = F.lit(None).cast(T.ArrayType(T.StringType()))
     # One sentinel row per shard so shards with nothing to drop are written too.
     sentinels = spark.createDataFrame([(s.shard_id, -1) for s in manifest.shards], "shard_id int, shard_row long")
-    positions = drops.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long")).unionByName(sentinels)
+    positions = (drops.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long"))
+                 .unionByName(sentinels).withColumn("captions", no_list).withColumn("drop", F.col("shard_row") >= 0))
+    if merged is not None:
+        positions = positions.unionByName(merged.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long"),
+                                                        "captions", F.lit(False).alias("drop")))
 
     def handle(shard_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         shard = Manifest.from_dict(payload).shards[int(shard_id)]
         faults.maybe_fail("write", fault_fraction, shard.shard_id)
-        drop_rows = rows.column("shard_row").to_numpy()
-        drop_rows = drop_rows[drop_rows >= 0]
+        positions_in_shard = rows.column("shard_row").to_numpy()
+        drop = rows.column("drop").to_numpy(zero_copy_only=False)
+        drop_rows = positions_in_shard[drop]
+        captions = None
+        if add_captions:
+            listed = np.flatnonzero(~drop & (positions_in_shard >= 0))
+            lists: list = [None] * shard.rows
+            for position, values in zip(positions_in_shard[listed], rows.column("captions").take(listed).to_pylist()):
+                lists[int(position)] = values
+            captions = pa.array(lists, pa.list_(pa.string()))
         if fault_drop_rows and shard.shard_id == 0:
             kept = np.setdiff1d(np.arange(shard.rows), drop_rows)
             drop_rows = np.concatenate([drop_rows, kept[:fault_drop_rows]])
         context = TaskContext.get()
         attempt = f"shard-{shard.shard_id}-{context.stageId()}-{context.attemptNumber()}" if context else "driver"
-        written = rewrite_shard(shard, drop_rows, dedup_uri, storage.join(scratch_uri, attempt))
+        written = rewrite_shard(shard, drop_rows, dedup_uri, storage.join(scratch_uri, attempt), captions)
         # The summary reports the rows the shard should hold; a silent drop shows up as a mismatch.
         written += int(fault_drop_rows and shard.shard_id == 0 and min(fault_drop_rows, shard.rows))
         yield pa.RecordBatch.from_pydict(

@@ -20,9 +20,10 @@ def make_sample(directory: Path, rows: int, dim: int = 64, seed: int = 0, fmt: s
 
 
 def run_job(spark, input_dir, output_dir, **settings) -> dict:
-    """The job in-process. The recall estimate is off unless asked for: it has its own tests, and the
-    spark-submit tests run it with the defaults."""
-    overrides = {"input.uri": str(input_dir), "output.uri": str(output_dir), "estimate.sample_rows": 0}
+    """The job in-process. The recall estimate and caption work are off unless asked for: they have
+    their own tests, and the spark-submit tests run them with the defaults."""
+    overrides = {"input.uri": str(input_dir), "output.uri": str(output_dir), "estimate.sample_rows": 0,
+                 "captions.column": None}
     overrides.update({key.replace("__", "."): value for key, value in settings.items()})
     return run(config_module.load(None, overrides), spark)
 
@@ -46,3 +47,39 @@ def stored_embeddings(sample) -> np.ndarray:
     from oracle import normalize
 
     return normalize(sample.embeddings)
+
+
+def random_caption(rng: np.random.Generator, words: int = 6) -> str:
+    """Words of random letters: two such captions share almost no shingles."""
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz"))
+    return " ".join("".join(rng.choice(letters, size=rng.integers(3, 9))) for _ in range(words))
+
+
+def _shown_number(text: str):
+    text = text.strip()
+    if text in ("yes", "no"):
+        return text == "yes"
+    return float(text.replace(",", ""))
+
+
+def _json_value(report: dict, key: str):
+    value = report
+    for part in key.split("."):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    return value
+
+
+def check_html_numbers(page: str, report: dict) -> set[str]:
+    """Every number report.html shows equals report.json's value at its data-key; the keys shown."""
+    import re
+
+    import pytest
+
+    shown = re.findall(r'data-key="([^"]+)">([^<]*)<', page)
+    for key, text in shown:
+        expected = _json_value(report, key)
+        if isinstance(expected, float):
+            assert _shown_number(text) == pytest.approx(expected, rel=1e-5), key
+        elif isinstance(expected, (bool, int)):
+            assert _shown_number(text) == expected, key
+    return {key for key, _ in shown}

@@ -67,3 +67,13 @@ def groups_of(pairs) -> dict[int, int]:
     for x, root in roots.items():
         smallest[root] = min(smallest.get(root, x), x)
     return {x: smallest[root] for x, root in roots.items()}
+
+
+def exact_jaccard(a: str | None, b: str | None, kind: str = "chars", size: int = 4) -> float | None:
+    """Exact Jaccard similarity of two captions' shingle sets (None if either has none)."""
+    from dedup_spark import minhash
+
+    left, right = set(minhash.shingles(a, kind, size)), set(minhash.shingles(b, kind, size))
+    if not left or not right:
+        return None
+    return len(left & right) / len(left | right)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_sample
-from oracle import brute_force_pairs, groups_of, normalize
+from oracle import brute_force_pairs, exact_jaccard, groups_of, normalize
 
 REPO = Path(__file__).resolve().parent.parent
 ACCESS_KEY = "AKIADEDUPSPARKTEST42"
@@ -123,6 +123,14 @@ def test_s3_in_and_out_with_spark_submit(s3_endpoint, s3_sample, clean_s3_run):
     assert not any("_work" in str(p) for p in files), "the work prefix is removed after publishing"
     assert_no_credentials([result.stdout, result.stderr], files)
     assert f"rows in: {len(s3_sample.embeddings):,}" in result.stdout
+    # Captions by default (policy ignore): every member's caption similarity to its kept row.
+    duplicates = pq.read_table(sorted((out / "duplicates").glob("part-*.parquet"))).to_pylist()
+    kept_of = {row["group_id"]: row["row_id"] for row in duplicates if row["is_kept"]}
+    for row in duplicates:
+        caption, kept_caption = s3_sample.captions[row["row_id"]], s3_sample.captions[kept_of[row["group_id"]]]
+        exact = exact_jaccard(caption, kept_caption)
+        assert abs(row["caption_similarity"] - exact) < 0.18 and row["caption_group"] is None, (row, exact)
+    assert json.loads((out / "report.json").read_text())["captions"]["policy"] == "ignore"
     # One progress line per stage, with rows and seconds (spark-submit merges the
     # Python driver's stderr into its stdout).
     lines = (result.stdout + result.stderr).splitlines()

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
-from helpers import output_groups, output_pairs, run_job
-from oracle import brute_force_pairs, groups_of, normalize
+from helpers import output_groups, output_pairs, random_caption, run_job
+from oracle import brute_force_pairs, exact_jaccard, groups_of, normalize
 
 from dedup_spark import config as config_module
 from dedup_spark.group import connected_components
@@ -110,16 +114,31 @@ def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
     assert set(output_pairs(out)) == set(brute_force_pairs(normalize(sample.embeddings), THRESHOLD))
 
 
-def test_low_memory_run_with_a_50k_copy_group_and_an_oversized_cluster(tmp_path):
+def test_low_memory_run_with_a_50k_copy_group_an_oversized_cluster_and_distinct_captions(tmp_path):
+    """1g driver and executors. The 50,000 copies carry captions drawn from 300 random ones, and
+    captions.policy keep_distinct keeps one copy per distinct caption: caption clustering of a
+    group larger than the issue's 20,000 copies, in bounded memory."""
     rows, expected = giant_group_data(copies=50_000, others=10_000, dim=32, seed=43)
-    write_npy_shards(rows, tmp_path / "in", 20_000)
+    rng = np.random.default_rng(44)
+    pool = [random_caption(rng) for _ in range(300)]
+    assert max(exact_jaccard(a, b) for a, b in itertools.combinations(pool, 2)) < 0.3
+    giant = Counter(expected.values()).most_common(1)[0][0]
+    in_giant = np.array([expected.get(row) == giant for row in range(len(rows))])
+    captions = [pool[rng.integers(len(pool))] if in_giant[row] else random_caption(rng) for row in range(len(rows))]
+    (tmp_path / "in" / "img_emb").mkdir(parents=True)
+    (tmp_path / "in" / "metadata").mkdir()
+    for index, start in enumerate(range(0, len(rows), 20_000)):
+        np.save(tmp_path / "in" / "img_emb" / f"img_emb_{index}.npy", rows[start:start + 20_000])
+        pq.write_table(pa.table({"key": [f"{row:06d}" for row in range(start, min(start + 20_000, len(rows)))],
+                                 "caption": captions[start:start + 20_000]}),
+                       tmp_path / "in" / "metadata" / f"metadata_{index}.parquet")
     out = tmp_path / "out"
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     result = subprocess.run(
         [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[2]", "--driver-memory", "1g",
          "--conf", "spark.executor.memory=1g", "--conf", "spark.ui.enabled=false",
          str(REPO / "jobs" / "dedup.py"), "--input", str(tmp_path / "in"), "--output", str(out),
-         "--set", "bucketing.k=4", "--set", "search.max_task_rows=16000"],
+         "--set", "bucketing.k=4", "--set", "search.max_task_rows=16000", "--set", "captions.policy=keep_distinct"],
         capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stdout[-4000:]
     report = json.loads((out / "report.json").read_text())
@@ -127,6 +146,15 @@ def test_low_memory_run_with_a_50k_copy_group_and_an_oversized_cluster(tmp_path)
     assert report["bucketing"]["split_buckets"] >= 1
     assert report["bucketing"]["largest_task_rows"] <= report["bucketing"]["max_task_rows"] * 1.05
     assert output_groups(out) == expected
+    # One copy per distinct caption survives in the giant group; every other group's members have
+    # unrelated random captions, so they all survive.
+    duplicates = pq.read_table(sorted((out / "duplicates").glob("part-*.parquet"))).to_pylist()
+    kept_giant = [row["row_id"] for row in duplicates if row["is_kept"] and row["group_id"] == giant]
+    used = {captions[row] for row in np.flatnonzero(in_giant)}
+    assert sorted(captions[row] for row in kept_giant) == sorted(used)
+    assert all(row["is_kept"] for row in duplicates if row["group_id"] != giant)
+    assert report["accounting"]["removed_rows"] == int(in_giant.sum()) - len(used)
+    assert report["accounting"]["balanced"]
 
 
 def test_the_task_cap_derives_from_memory_and_dimension():

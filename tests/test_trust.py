@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_sample, output_groups, output_pairs, run_job
+from helpers import check_html_numbers, make_sample, output_groups, output_pairs, run_job
 from oracle import brute_force_pairs, normalize
 
 from dedup_spark.estimate import ratio_interval
@@ -127,20 +127,6 @@ def test_thresholds_below_the_search_threshold_are_refused():
     assert config_module.load(None, {"search.thresholds": "0.96,0.98"}).search.thresholds == [0.96, 0.98]
 
 
-def _shown_number(text: str):
-    text = text.strip()
-    if text in ("yes", "no"):
-        return text == "yes"
-    return float(text.replace(",", ""))
-
-
-def _json_value(report: dict, key: str):
-    value = report
-    for part in key.split("."):
-        value = value[int(part)] if isinstance(value, list) else value[part]
-    return value
-
-
 def test_report_html_is_self_contained_and_shows_report_json_numbers(calibrated):
     sample, root, out, report = calibrated
     page = (out / "report.html").read_text()
@@ -148,14 +134,7 @@ def test_report_html_is_self_contained_and_shows_report_json_numbers(calibrated)
     assert not re.search(r"https?://", page, re.IGNORECASE), "report.html refers to the network"
     assert not re.search(r"<(script|link|img|iframe)\b", page, re.IGNORECASE)
     assert page.count("<svg") >= 4  # similarity, group sizes, bucket sizes, stages
-    shown = re.findall(r'data-key="([^"]+)">([^<]*)<', page)
-    keys = {key for key, _ in shown}
-    for key, text in shown:
-        expected = _json_value(report, key)
-        if isinstance(expected, float):
-            assert _shown_number(text) == pytest.approx(expected, rel=1e-5), key
-        elif isinstance(expected, (bool, int)):
-            assert _shown_number(text) == expected, key
+    keys = check_html_numbers(page, report)
     for needed in ("accounting.input_rows", "accounting.kept_rows", "accounting.removed_rows", "accounting.balanced",
                    "recall_estimate.closure_recall", "calibration.3.removed_rows", "timings_seconds.total"):
         assert needed in keys, needed
