@@ -5,7 +5,10 @@ Components use the large-star / small-star alternation of Kiveris et al.,
 "Connected Components in MapReduce and Beyond" (SoCC 2014): O(log^2 n) rounds
 in the worst case, a few in practice. Both operations aggregate with min and
 join, so no task ever holds a node's whole neighbour list, and a giant
-component is spread over many tasks. Lineage is cut by a local checkpoint
+component is spread over many tasks. Before the first round every partition's
+edges are turned into stars by a local union-find, which leaves the components
+unchanged and saves most rounds on the search's chain-like spanning forests.
+Lineage is cut by a local checkpoint
 every ``group.checkpoint_every`` rounds. The result maps every node to the
 smallest row_id of its component, which is the group_id.
 """
@@ -24,6 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark.config import JobConfig
+from dedup_spark.kernels import components
 from dedup_spark.tables import binary_matrix
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,34 @@ def _is_star_forest(edges: DataFrame) -> bool:
     return two_parents.unionByName(chained).limit(1).count() == 0
 
 
+_STAR_SCHEMA = T.StructType([T.StructField("x", T.LongType(), False), T.StructField("y", T.LongType(), False)])
+
+
+def _local_stars(edges: DataFrame) -> DataFrame:
+    """Each partition's edges as stars: every node to the smallest node of its component within
+    the partition (union-find in numpy, kernels.components).
+
+    The components are unchanged and the edge count does not grow (a component of c nodes has at
+    least c - 1 edges and becomes exactly c - 1), but paths and trees become stars, so the
+    alternation below starts near its fixed point: search tasks write their spanning forests one
+    task per partition, and forests of chains need many rounds. Memory: one partition's edges.
+    """
+    def to_stars(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        pieces = [batch for batch in batches if batch.num_rows]
+        if not pieces:
+            return
+        table = pa.Table.from_batches(pieces)
+        a = table.column("row_id_a").to_numpy()
+        b = table.column("row_id_b").to_numpy()
+        nodes, local = np.unique(np.concatenate([a, b]), return_inverse=True)
+        labels = components(len(nodes), local[:len(a)], local[len(a):])
+        moved = labels != np.arange(len(nodes))
+        # Smallest local index is the smallest row_id: np.unique sorts.
+        yield pa.RecordBatch.from_arrays([pa.array(nodes[moved]), pa.array(nodes[labels[moved]])], names=["x", "y"])
+
+    return edges.select("row_id_a", "row_id_b").mapInArrow(to_stars, _STAR_SCHEMA)
+
+
 def connected_components(edges: DataFrame, config: JobConfig) -> tuple[DataFrame, dict]:
     """``row_id, group_id`` for every node with an edge; group_id is the component's smallest row_id.
 
@@ -70,8 +102,7 @@ def connected_components(edges: DataFrame, config: JobConfig) -> tuple[DataFrame
     (rounds, seconds). Raises ConvergenceError past group.max_rounds.
     """
     started = time.perf_counter()
-    current = (edges.select(F.greatest("row_id_a", "row_id_b").alias("x"), F.least("row_id_a", "row_id_b").alias("y"))
-               .where(F.col("x") != F.col("y")).distinct()).localCheckpoint()
+    current = _local_stars(edges).distinct().localCheckpoint()
     rounds = 0
     while True:
         if _is_star_forest(current):

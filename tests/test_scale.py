@@ -44,6 +44,10 @@ def test_components_on_a_100k_path_and_a_100k_star(spark, shape):
         center = labels[n // 2]
         leaves = np.delete(labels, n // 2)
         a, b = np.full(n - 1, center), leaves
+    # Edges in random order, so each partition holds scattered pieces: the local union-find
+    # that starts the alternation cannot collapse the path by itself.
+    order = np.random.default_rng(2).permutation(len(a))
+    a, b = a[order], b[order]
     groups, stats = spark_components(spark, a, b)
     print(shape, stats)
     assert groups == groups_of(list(zip(a.tolist(), b.tolist())))
