@@ -225,6 +225,7 @@ def main() -> int:
                 "direct_recall": round(len(variant_found & truth) / max(1, len(truth)), 5),
                 "closure_recall": round(closed / max(1, len(truth)), 5),
                 "estimated_closure_recall": variant["recall_estimate"].get("closure_recall"),
+                "estimated_closure_recall_ci95": variant["recall_estimate"].get("closure_recall_ci95"),
                 "precision": round(len(variant_found & truth) / max(1, len(variant_found)), 5)})
 
     if not args.skip_4n:
