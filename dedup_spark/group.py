@@ -21,7 +21,6 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -147,27 +146,44 @@ DUPLICATES_SCHEMA = T.StructType([
 
 
 def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: int) -> DataFrame:
-    """Every member of every group with its group size, keep flag and similarity to the kept row."""
+    """Every member of every group with its group size, keep flag and similarity to the kept row.
+
+    Members meet their embeddings in one join; they are then arranged by group with the
+    kept row first, and a task streams through them holding only the current group's kept
+    embedding, so a giant group costs no memory and the embeddings are shuffled once, not
+    twice (a second join on kept_row_id).
+    """
     sizes = members.groupBy("group_id").agg(F.count("*").alias("group_size"))
-    embeddings = rows.select("row_id", "embedding")
-    joined = (members.join(sizes, "group_id").join(kept, "group_id")
-              .join(embeddings, "row_id")
-              .join(embeddings.select(F.col("row_id").alias("kept_row_id"), F.col("embedding").alias("kept_embedding")),
-                    "kept_row_id"))
+    flagged = (members.join(sizes, "group_id").join(kept, "group_id")
+               .withColumn("is_kept", F.col("row_id") == F.col("kept_row_id")))
+    with_embeddings = flagged.join(rows.select("row_id", "embedding"), "row_id")
+    arranged = (with_embeddings.repartition("group_id").sortWithinPartitions("group_id", F.desc("is_kept"), "row_id")
+                .select("row_id", "group_id", "group_size", "is_kept", "embedding"))
 
     def similarity(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        carried_group, carried_embedding = None, None
         for batch in batches:
+            if batch.num_rows == 0:
+                continue
             own = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
-            best = binary_matrix(batch.column("kept_embedding"), dim).astype(np.float32)
-            row_id = batch.column("row_id")
-            kept_id = batch.column("kept_row_id")
-            is_kept = pc.equal(row_id, kept_id)
-            sim = np.einsum("ij,ij->i", own, best)
-            sim[is_kept.to_numpy(zero_copy_only=False)] = 1.0
+            group_id = batch.column("group_id").to_numpy()
+            is_kept = batch.column("is_kept").to_numpy(zero_copy_only=False)
+            # Each group starts with its kept row: a row's kept row is the last kept row so far.
+            last_kept = np.maximum.accumulate(np.where(is_kept, np.arange(batch.num_rows), -1))
+            if carried_embedding is None and last_kept[0] < 0:
+                raise RuntimeError(f"group {group_id[0]} has no kept row")
+            kept_vectors = np.vstack([own, carried_embedding[None, :]]) if carried_embedding is not None else own
+            kept_group = np.append(group_id, carried_group) if carried_embedding is not None else group_id
+            source = np.where(last_kept >= 0, last_kept, batch.num_rows)
+            if not np.array_equal(kept_group[source], group_id):
+                raise RuntimeError("a group's kept row is missing from its members")
+            sim = np.einsum("ij,ij->i", own, kept_vectors[source])
+            sim[is_kept] = 1.0
+            carried_group, carried_embedding = kept_group[source[-1]], kept_vectors[source[-1]].copy()
             yield pa.RecordBatch.from_arrays(
-                [row_id, batch.column("group_id"), batch.column("group_size"), is_kept, pa.array(sim, pa.float32()),
-                 pa.nulls(batch.num_rows, pa.float32()), pa.nulls(batch.num_rows, pa.int64())],
+                [batch.column("row_id"), batch.column("group_id"), batch.column("group_size"), batch.column("is_kept"),
+                 pa.array(sim, pa.float32()), pa.nulls(batch.num_rows, pa.float32()),
+                 pa.nulls(batch.num_rows, pa.int64())],
                 names=DUPLICATES_SCHEMA.names)
 
-    columns = joined.select("row_id", "group_id", "group_size", "kept_row_id", "embedding", "kept_embedding")
-    return columns.mapInArrow(similarity, DUPLICATES_SCHEMA)
+    return arranged.mapInArrow(similarity, DUPLICATES_SCHEMA)

@@ -31,6 +31,14 @@ def test_exhaustive_settings_give_exactly_the_brute_force_pairs_and_groups(spark
     assert max(abs(found[p] - oracle[p]) for p in oracle) < 1e-4
     assert output_groups(out) == groups_of(oracle)
     assert report["accounting"]["balanced"]
+    # Similarity to the kept row (the smallest row_id here), against numpy on the stored vectors.
+    stored = stored_embeddings(sample)
+    duplicates = read_table(out / "duplicates")
+    rows, groups = duplicates.column("row_id").to_numpy(), duplicates.column("group_id").to_numpy()
+    expected = np.einsum("ij,ij->i", stored[rows].astype(np.float64), stored[groups].astype(np.float64))
+    expected[rows == groups] = 1.0
+    assert np.abs(duplicates.column("similarity_to_kept").to_numpy() - expected).max() < 1e-3
+    assert duplicates.column("is_kept").to_pylist() == (rows == groups).tolist()
 
 
 def test_m_equal_k_is_exhaustive_too(spark, medium, tmp_path):
