@@ -72,11 +72,10 @@ class CaptionResult:
     merged: DataFrame | None
 
 
-def _signed_schema() -> T.StructType:
-    return T.StructType([T.StructField("row_id", T.LongType(), False), T.StructField("group_id", T.LongType(), False),
-                         T.StructField("is_kept", T.BooleanType(), False),
-                         T.StructField("caption", T.StringType(), True),
-                         T.StructField("signature", T.BinaryType(), True)])
+SIGNED_SCHEMA = T.StructType([T.StructField("row_id", T.LongType(), False), T.StructField("group_id", T.LongType(), False),
+                              T.StructField("is_kept", T.BooleanType(), False),
+                              T.StructField("caption", T.StringType(), True),
+                              T.StructField("signature", T.BinaryType(), True)])
 
 
 def signed_members(duplicates: DataFrame, captions: DataFrame, config: JobConfig) -> DataFrame:
@@ -89,11 +88,11 @@ def signed_members(duplicates: DataFrame, captions: DataFrame, config: JobConfig
             values, present = minhash.signatures(texts, settings.num_perm, settings.shingles, settings.shingle_size)
             yield pa.RecordBatch.from_arrays(
                 [batch.column("row_id"), batch.column("group_id"), batch.column("is_kept"), batch.column("caption"),
-                 packed_binary(values, present)], names=_signed_schema().names)
+                 packed_binary(values, present)], names=SIGNED_SCHEMA.names)
 
     joined = duplicates.select("row_id", "group_id", "is_kept").join(captions, "row_id", "left")
     return joined.select("row_id", "group_id", "is_kept", F.col("caption").cast("string")).mapInArrow(
-        sign, _signed_schema())
+        sign, SIGNED_SCHEMA)
 
 
 def _similarity_column(pairs: DataFrame, left: str, right: str, name: str, num_perm: int) -> DataFrame:
@@ -156,19 +155,16 @@ def caption_clusters(signed: DataFrame, config: JobConfig) -> DataFrame:
             .select("row_id", F.coalesce("group_id", "row_id").alias("caption_group")))
 
 
-def annotate(duplicates: DataFrame, captions: DataFrame, metadata: DataFrame | None, config: JobConfig,
-             signed: DataFrame | None = None) -> CaptionResult:
+def annotate(duplicates: DataFrame, signed: DataFrame, metadata: DataFrame | None, config: JobConfig) -> CaptionResult:
     """``duplicates`` with caption_similarity and caption_group filled in and the policy applied,
     and, for ``merge``, the kept rows' ``captions`` lists.
 
-    ``captions``: row_id, caption. ``signed``: ``signed_members``' output when the
-    caller has stored it (signatures are the costly part; they are used up to
-    three times), else it is computed here.
+    ``signed``: ``signed_members``' output, best read back from a stored table: signatures are
+    the costly part, and they are used up to three times here.
     """
     from dedup_spark.group import choose_kept
 
     settings = config.captions
-    signed = signed if signed is not None else signed_members(duplicates, captions, config)
     kept_signatures = signed.where("is_kept").select("group_id", F.col("signature").alias("kept_signature"))
     similarities = _similarity_column(signed.select("row_id", "group_id", "signature").join(kept_signatures, "group_id"),
                                       "signature", "kept_signature", "caption_similarity", settings.num_perm)

@@ -216,7 +216,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             caption_rows = source.select("row_id", F.col(caption_name).alias("caption"))
             tables.write_table(captions.signed_members(base, caption_rows, config), signed_uri)
             step.done("caption signatures")
-            annotated = captions.annotate(base, caption_rows, metadata, config, tables.read_table(spark, signed_uri))
+            annotated = captions.annotate(base, tables.read_table(spark, signed_uri), metadata, config)
             info = tables.write_table(annotated.duplicates, duplicates_uri)
             if annotated.merged is not None:
                 merged_rows = tables.write_table(annotated.merged, merged_uri).rows
@@ -243,9 +243,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
         step.done("calibration")
-        # The keep policy's metadata, when it was read, already holds the shown columns: one scan, not two.
-        shown = None if not groups else (
-            metadata if metadata is not None else read_metadata(spark, manifest, config, report.SHOWN_COLUMNS))
+        # Only the shown columns: the views scan the metadata again in any case (DataFrames are not cached).
+        shown = read_metadata(spark, manifest, config, report.SHOWN_COLUMNS) if groups else None
         views = report.dataset_views(tables.read_table(spark, duplicates_uri), shown, list(bucket_sizes.values()))
         caption_report = None if caption_name is None else captions.summary(
             tables.read_table(spark, duplicates_uri), caption_name, merged_rows, config)
@@ -281,7 +280,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             rows.where(F.col("reject_reason").isNotNull()).select("shard_id", "shard_row"))
         dedup_uri = storage.join(staged, "dedup")
         merged = None
-        if group_result.get("captions") and group_result["captions"].get("merged_rows") is not None:
+        if (group_result["captions"] or {}).get("merged_rows") is not None:
             merged = tables.read_table(spark, merged_uri).join(positions, "row_id")
         summaries = write.write_dedup(spark, manifest, drops, dedup_uri, storage.join(work, "scratch"),
                                       config.run.fault_task_fraction, config.run.fault_drop_rows, merged)

@@ -103,7 +103,7 @@ def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup
     sentinels = spark.createDataFrame([(s.shard_id, -1) for s in manifest.shards], "shard_id int, shard_row long")
     positions = (drops.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long"))
                  .unionByName(sentinels).withColumn("captions", no_list).withColumn("drop", F.col("shard_row") >= 0))
-    if merged is not None:
+    if add_captions:
         positions = positions.unionByName(merged.select(F.col("shard_id").cast("int"), F.col("shard_row").cast("long"),
                                                         "captions", F.lit(False).alias("drop")))
 
