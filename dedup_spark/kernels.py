@@ -296,6 +296,23 @@ def histogram_edges(threshold: float, bins: int) -> np.ndarray:
     return np.linspace(threshold, 1.0, bins + 1)
 
 
+@dataclass
+class _Found:
+    """What ``graph_search`` accumulates over its blocks."""
+
+    forests: list[SpanningForest]
+    chosen: list[list[tuple[np.ndarray, np.ndarray]]]
+    pair_counts: np.ndarray
+    histogram: np.ndarray
+    bin_width: float
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    emit_pairs: bool
+
+    def link(self, level: int, a: np.ndarray, b: np.ndarray, similarity: np.ndarray) -> None:
+        picked = self.forests[level].add(a, b, similarity)
+        self.chosen[level].append((a[picked], b[picked]))
+
+
 def graph_search(
     points: np.ndarray,
     left: np.ndarray,
@@ -318,87 +335,63 @@ def graph_search(
 
     Guarantee per threshold: the components of the returned forest equal those
     of all pairs >= that threshold (closure identical to an exhaustive search),
-    and the forest has fewer edges than points. For each block of query rows,
-    every row repeatedly links to its most similar neighbour outside its current
-    component, and so does every column, until none is left (Boruvka rounds: the
-    components touched at least halve each round). Memory is O(block x columns)
-    whatever the number of pairs, so a 100,000-copy group costs its matrix
-    products and nothing more. Each threshold's decisions are exact (float64
-    near the threshold), so a threshold's forest is the one a search at that
-    threshold alone would return.
+    and the forest has fewer edges than points. Each block of query rows is
+    scored by float32 matrix products against the columns it can pair with
+    (inside one set: a syrk against itself and a gemm against the rows after
+    it, so the products cover half the square, as the cost model counts). A
+    product is then handled one of two ways, by how many of its cells reach
+    the lowest threshold:
+
+    - sparse (the usual case): the candidate cells are listed once, settled in
+      float64 near the thresholds, and their edges fed to a union-find, so
+      everything after the product costs two passes over the block plus work
+      proportional to the pairs found;
+    - dense (over 1/8 of the cells: a giant group): no pair is listed; rows and
+      columns repeatedly link to their best neighbour outside their component
+      (Boruvka rounds, components touched at least halve each round), so memory
+      stays O(block x columns) and a 100,000-copy group costs its products.
+
+    Each threshold's decisions are exact, so a threshold's forest closes
+    exactly like a search at that threshold alone.
     """
     thresholds = [float(t) for t in thresholds]
-    forests = [SpanningForest(points.shape[0]) for _ in thresholds]
-    chosen: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in thresholds]
-    pair_counts = np.zeros(len(thresholds), dtype=np.int64)
-    histogram = np.zeros(histogram_bins, dtype=np.int64)
-    bin_width = (1.0 - thresholds[0]) / histogram_bins if thresholds[0] < 1.0 else 1.0
-    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    as32 = np.ascontiguousarray(points, dtype=np.float32)
+    found = _Found([SpanningForest(points.shape[0]) for _ in thresholds], [[] for _ in thresholds],
+                   np.zeros(len(thresholds), dtype=np.int64), np.zeros(histogram_bins, dtype=np.int64),
+                   (1.0 - thresholds[0]) / histogram_bins if thresholds[0] < 1.0 else 1.0, [], emit_pairs)
     same = right is None
     columns_all = left if same else right
+    # Gathered once: each block is then a slice, not a copy of its columns.
+    left32 = np.ascontiguousarray(points[left], dtype=np.float32)
+    right32 = left32 if same else np.ascontiguousarray(points[right], dtype=np.float32)
     margin = similarity_margin(points.shape[1])
+    lowest = np.float32(thresholds[0] - margin)
     # Bytes per similarity cell while a block is live: scores and masks, and where every cell is a
     # hit (a giant group) the found pairs' indices, values and bins; 8 more per extra threshold's copy.
     per_cell = 48 + 8 * (len(thresholds) - 1)
     step = int(max(16, min(block_rows, memory_bytes // max(1, per_cell * len(columns_all)))))
     for start in range(0, len(left), step):
-        rows = left[start:start + step]
-        cols = left[start:] if same else right
-        raw = as32[rows] @ as32[cols].T
-        if same:  # only pairs (i, j) with j after i: the block's own square keeps its upper triangle
-            raw[:, :len(rows)][np.tril(np.ones((len(rows), len(rows)), dtype=bool))] = -np.inf
-        sharing = "none" if buckets is None else _lower_sharing(buckets, bucket_id, rows, cols)
-        own_mask = kept_r = kept_c = None
-        for level, threshold in enumerate(thresholds):
-            scores = raw if level == len(thresholds) - 1 else raw.copy()
-            _exact_band(scores, points, points, rows, cols, threshold, margin)
-            hits = scores >= threshold
-            if sharing == "all":
-                pass  # every pair of the block meets in a smaller bucket, which counts it
-            elif level > 0:
-                # A pair >= a higher threshold is also >= the first: count among the owned ones.
-                if kept_r is not None:
-                    pair_counts[level] += int(np.count_nonzero(hits[kept_r, kept_c]))
-                else:
-                    pair_counts[level] += int(np.count_nonzero(hits if own_mask is None else hits & own_mask))
+        stop = min(start + step, len(left))
+        rows = left[start:stop]
+        sharing = "none" if buckets is None else _lower_sharing(buckets, bucket_id, rows, columns_all[start if same else 0:])
+        if same:
+            # The block against itself is a syrk (numpy's a @ a.T computes one triangle), and against
+            # the rows after it a gemm: together exactly the pairs (i, j > i), no product wasted.
+            block = left32[start:stop]
+            products = [(block @ block.T, left[start:stop], True)]
+            if stop < len(left):
+                products.append((block @ left32[stop:].T, left[stop:], False))
+        else:
+            products = [(left32[start:stop] @ right32.T, right, False)]
+        for raw, cols, diagonal in products:
+            candidate = raw >= lowest
+            if np.count_nonzero(candidate) * 8 <= candidate.size:
+                _sparse_block(found, raw, candidate, rows, cols, diagonal, points, thresholds, margin, sharing,
+                              buckets, bucket_id)
             else:
-                if sharing == "some" and np.count_nonzero(hits) * 8 > hits.size:
-                    # Dense hits (a giant group): one mask per shared smaller bucket beats per-pair checks.
-                    own_mask = _owned_mask(buckets, bucket_id, rows, cols)
-                counted = hits if own_mask is None else hits & own_mask
-                if emit_pairs or (sharing == "some" and own_mask is None):
-                    kept_r, kept_c = np.nonzero(counted)
-                    if sharing == "some" and own_mask is None and kept_r.size:
-                        mine = owned(buckets, bucket_id, rows[kept_r], cols[kept_c])
-                        kept_r, kept_c = kept_r[mine], kept_c[mine]
-                    pair_counts[0] += kept_r.size
-                    if kept_r.size:
-                        values = scores[kept_r, kept_c].astype(np.float64)
-                        histogram += _bin_counts(values, threshold, bin_width, histogram_bins)
-                        if emit_pairs:
-                            # Scores settled in float64 were set to threshold + 2 margin: give them their exact value.
-                            settled = values == np.float32(threshold + 2 * margin)
-                            if settled.any():
-                                values[settled] = np.einsum(
-                                    "ij,ij->i", points[rows[kept_r[settled]]].astype(np.float64),
-                                    points[cols[kept_c[settled]]].astype(np.float64))
-                            pairs.append((rows[kept_r], cols[kept_c], values.astype(np.float32)))
-                else:
-                    # No pair indices materialised: a giant group's blocks are all hits.
-                    found = int(np.count_nonzero(counted))
-                    pair_counts[0] += found
-                    if found > _DENSE_HITS:
-                        # Binning every hit would cost more than the matrix product: bin every
-                        # _DENSE_STRIDE-th row and scale to the exact total.
-                        sampled = _bin_counts(scores[::_DENSE_STRIDE][counted[::_DENSE_STRIDE]], threshold, bin_width,
-                                              histogram_bins)
-                        histogram += _scale_counts(sampled, found)
-                    elif found:
-                        histogram += _bin_counts(scores[counted], threshold, bin_width, histogram_bins)
-            _link_block(forests[level], chosen[level], scores, hits, rows, cols, threshold)
+                _dense_block(found, raw, rows, cols, diagonal, points, thresholds, margin, sharing, buckets,
+                             bucket_id)
     result = []
-    for picked in chosen:
+    for picked in found.chosen:
         if not picked:
             empty = np.zeros(0, dtype=np.int64)
             result.append((empty, empty, np.zeros(0, dtype=np.float32)))
@@ -407,7 +400,96 @@ def graph_search(
         b = np.concatenate([p[1] for p in picked])
         similarity = np.einsum("ij,ij->i", points[a].astype(np.float64), points[b].astype(np.float64))
         result.append((a, b, similarity.astype(np.float32)))
-    return GraphSearchResult(result, pair_counts, histogram, pairs)
+    return GraphSearchResult(result, found.pair_counts, found.histogram, found.pairs)
+
+
+def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                  diagonal: bool, points: np.ndarray, thresholds: list[float], margin: float, sharing: str,
+                  buckets: np.ndarray | None, bucket_id: int) -> None:
+    """One block whose candidate cells are few: list them, settle them exactly, link them."""
+    r, c = np.divmod(np.flatnonzero(candidate), raw.shape[1])
+    if diagonal:  # the rows against themselves: each pair once, j after i
+        upper = c > r
+        r, c = r[upper], c[upper]
+    if not r.size:
+        return
+    similarity = raw[r, c].astype(np.float64)
+    node_a, node_b = rows[r], cols[c]
+    unsure = np.zeros(r.size, dtype=bool)
+    for threshold in thresholds:
+        unsure |= (similarity >= threshold - margin) & (similarity < threshold + margin)
+    if unsure.any():
+        similarity[unsure] = np.einsum("ij,ij->i", points[node_a[unsure]].astype(np.float64),
+                                       points[node_b[unsure]].astype(np.float64))
+    hit = similarity >= thresholds[0]
+    similarity, node_a, node_b = similarity[hit], node_a[hit], node_b[hit]
+    if sharing == "none":
+        mine = np.ones(node_a.size, dtype=bool)
+    elif sharing == "all":
+        mine = np.zeros(node_a.size, dtype=bool)
+    else:
+        mine = owned(buckets, bucket_id, node_a, node_b)
+    for level, threshold in enumerate(thresholds):
+        level_hit = similarity >= threshold
+        found.pair_counts[level] += int(np.count_nonzero(level_hit & mine))
+        if level == 0:
+            found.histogram += _bin_counts(similarity[mine], threshold, found.bin_width, len(found.histogram))
+            if found.emit_pairs:
+                found.pairs.append((node_a[mine], node_b[mine], similarity[mine].astype(np.float32)))
+        found.link(level, node_a[level_hit], node_b[level_hit], similarity[level_hit])
+
+
+def _dense_block(found: _Found, raw: np.ndarray, rows: np.ndarray, cols: np.ndarray, diagonal: bool,
+                 points: np.ndarray, thresholds: list[float], margin: float, sharing: str,
+                 buckets: np.ndarray | None, bucket_id: int) -> None:
+    """One block where most cells are pairs (a giant group): count and link without listing pairs."""
+    if diagonal:  # the rows against themselves: each pair once, j after i
+        raw[np.tril(np.ones(raw.shape, dtype=bool))] = -np.inf
+    histogram_bins = len(found.histogram)
+    own_mask = kept_r = kept_c = None
+    for level, threshold in enumerate(thresholds):
+        scores = raw if level == len(thresholds) - 1 else raw.copy()
+        _exact_band(scores, points, points, rows, cols, threshold, margin)
+        hits = scores >= threshold
+        if sharing == "all":
+            pass  # every pair of the block meets in a smaller bucket, which counts it
+        elif level > 0:
+            # A pair >= a higher threshold is also >= the first: count among the owned ones.
+            if kept_r is not None:
+                found.pair_counts[level] += int(np.count_nonzero(hits[kept_r, kept_c]))
+            else:
+                found.pair_counts[level] += int(np.count_nonzero(hits if own_mask is None else hits & own_mask))
+        else:
+            if sharing == "some":
+                # One mask per shared smaller bucket beats per-pair checks on this many pairs.
+                own_mask = _owned_mask(buckets, bucket_id, rows, cols)
+            counted = hits if own_mask is None else hits & own_mask
+            if found.emit_pairs:
+                kept_r, kept_c = np.nonzero(counted)
+                found.pair_counts[0] += kept_r.size
+                if kept_r.size:
+                    values = scores[kept_r, kept_c].astype(np.float64)
+                    found.histogram += _bin_counts(values, threshold, found.bin_width, histogram_bins)
+                    # Scores settled in float64 were set to threshold + 2 margin: give them their exact value.
+                    settled = values == np.float32(threshold + 2 * margin)
+                    if settled.any():
+                        values[settled] = np.einsum(
+                            "ij,ij->i", points[rows[kept_r[settled]]].astype(np.float64),
+                            points[cols[kept_c[settled]]].astype(np.float64))
+                    found.pairs.append((rows[kept_r], cols[kept_c], values.astype(np.float32)))
+            else:
+                # No pair indices materialised: a giant group's blocks are all hits.
+                count = int(np.count_nonzero(counted))
+                found.pair_counts[0] += count
+                if count > _DENSE_HITS:
+                    # Binning every hit would cost more than the matrix product: bin every
+                    # _DENSE_STRIDE-th row and scale to the exact total.
+                    sampled = _bin_counts(scores[::_DENSE_STRIDE][counted[::_DENSE_STRIDE]], threshold,
+                                          found.bin_width, histogram_bins)
+                    found.histogram += _scale_counts(sampled, count)
+                elif count:
+                    found.histogram += _bin_counts(scores[counted], threshold, found.bin_width, histogram_bins)
+        _link_block(found.forests[level], found.chosen[level], scores, hits, rows, cols, threshold)
 
 
 def _link_block(forest: SpanningForest, chosen: list[tuple[np.ndarray, np.ndarray]], scores: np.ndarray,
