@@ -22,7 +22,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import kernels, storage
+from dedup_spark import kernels, read, storage
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.tables import binary_matrix, packed_binary
 
@@ -120,7 +120,7 @@ def rounds_for(config: JobConfig) -> int:
     return 8 if config.bucketing.method == "lsh" else 1
 
 
-def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, config: JobConfig, model_uri: str) -> BucketModel:
+def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config: JobConfig, model_uri: str) -> BucketModel:
     """Learn the bucketing on a bounded sample collected to the driver and store it under ``model_uri``.
 
     k-means: ``rounds`` spherical k-means runs (seeds seed, seed+1, ...) on one
@@ -137,7 +137,7 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
         if bits > 24 or rounds << bits >= 2**31:
             raise ConfigError(f"LSH with {bits} bits and {rounds} tables exceeds the bucket id range; set bucketing.k lower")
         if valid_rows:
-            sample = _training_sample(rows, valid_rows, dim, k, config)
+            sample = _training_sample(spark, rows_uri, valid_rows, dim, k, config)
         center = sample.mean(axis=0) if len(sample) else np.zeros(dim, dtype=np.float32)
         planes = np.stack([np.random.default_rng(config.bucketing.seed + r).standard_normal((bits, dim))
                            for r in range(rounds)]).astype(np.float32)
@@ -149,7 +149,7 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
             # Every row goes to every bucket anyway: no training needed.
             centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
         else:
-            sample = _training_sample(rows, valid_rows, dim, k, config)
+            sample = _training_sample(spark, rows_uri, valid_rows, dim, k, config)
             centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations, config.bucketing.seed + r)
                          for r in range(rounds)]
         k = int(centroids[0].shape[0])
@@ -165,12 +165,13 @@ def train(spark: SparkSession, rows: DataFrame, valid_rows: int, dim: int, confi
     return model
 
 
-def _training_sample(rows: DataFrame, valid_rows: int, dim: int, k: int, config: JobConfig) -> np.ndarray:
+def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, k: int,
+                     config: JobConfig) -> np.ndarray:
     target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
     fraction = min(1.0, 1.3 * target / max(1, valid_rows))
     # A Bernoulli sample of ~1.3x the target, trimmed here: a Spark limit() would cut
     # the Python workers' pipes mid-stream.
-    sample = rows.sample(fraction=fraction, seed=config.bucketing.seed).select("embedding").toArrow()
+    sample = read.sample_valid_rows(spark, rows_uri, fraction, config.bucketing.seed)
     return binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
 
 
@@ -219,8 +220,9 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
     return _ASSIGNERS[key]
 
 
-def assign(rows: DataFrame, model_uri: str, dim: int, model_id: str = "") -> DataFrame:
-    """Every valid row once per bucket it joins (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
+def assigner(model_uri: str, dim: int, model_id: str = "") -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A batch transform from (row_id, embedding) rows to every row once per bucket it joins
+    (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         _, assign_rows = load_model(model_uri, model_id)
@@ -236,7 +238,7 @@ def assign(rows: DataFrame, model_uri: str, dim: int, model_id: str = "") -> Dat
                 names=ASSIGNED_SCHEMA.names,
             )
 
-    return rows.select("row_id", "embedding").mapInArrow(assign_batches, ASSIGNED_SCHEMA)
+    return assign_batches
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import search
+from dedup_spark import read, search
 from dedup_spark.tables import binary_matrix
 
 
@@ -40,15 +40,16 @@ def ratio_interval(closed: np.ndarray, true: np.ndarray) -> tuple[float, float, 
     return float(ratio), float(max(0.0, ratio - half)), float(min(1.0, ratio + half))
 
 
-def sample_true_pairs(valid: DataFrame, sample_rows: int, valid_count: int, dim: int, threshold: float,
-                      seed: int) -> tuple[DataFrame, int]:
+def sample_true_pairs(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: int, dim: int,
+                      threshold: float, seed: int) -> tuple[DataFrame, int]:
     """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row."""
     fraction = min(1.0, 1.5 * sample_rows / max(1, valid_count))
-    picked = valid.sample(fraction=fraction, seed=seed + 1).toArrow()
+    picked = read.sample_valid_rows(spark, rows_uri, fraction, seed + 1)
     ids = picked.column("row_id").to_numpy()[:sample_rows]
     sample = binary_matrix(picked.column("embedding"), dim)[:sample_rows].copy()
 
-    pairs = search.scan_probes(valid, ids, sample, dim, threshold)
+    pairs = read.valid_rows(spark, rows_uri, search.probe_scanner(ids, sample, dim, threshold),
+                            search.PROBE_PAIRS_SCHEMA)
     return (pairs.where(F.col("probe_id") != F.col("row_id"))
             .select(F.col("probe_id").alias("sample_row_id"), "row_id"), len(ids))
 

@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 
 from dedup_spark import bucket, captions, estimate, group, html, kernels, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, read_rows
+from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, read_rows, valid_rows, write_valid_rows
 
 log = logging.getLogger("dedup_spark")
 
@@ -140,12 +140,12 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                          f"({read_result['rejected_rows'] / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
                          f"{read_result['reasons']}; see {storage.join(work, 'publish', 'rejected')}")
     rows = tables.read_table(spark, rows_uri)
-    valid = rows.where(F.col("reject_reason").isNull()).select("row_id", "embedding")
-    valid_rows = read_result["valid_rows"]
+    valid = valid_rows(spark, rows_uri)
+    valid_count = read_result["valid_rows"]
     model_uri = storage.join(staged, "model")
 
     def train_stage() -> dict[str, Any]:
-        model = bucket.train(spark, valid, valid_rows, dim, config, model_uri)
+        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri)
         storage.write_bytes(storage.join(model_uri, "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         storage.write_json(storage.join(model_uri, "manifest.json"), manifest.to_dict())
@@ -158,9 +158,10 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
-        info = tables.write_table(bucket.assign(valid, model_uri, dim, model.model_id), assigned_uri)
-        if info.rows != valid_rows * model.width:
-            raise report.AccountingError(f"assign wrote {info.rows} rows, not {valid_rows} valid rows x {model.width} "
+        info = write_valid_rows(spark, rows_uri, bucket.assigner(model_uri, dim, model.model_id),
+                                bucket.ASSIGNED_SCHEMA, assigned_uri)
+        if info.rows != valid_count * model.width:
+            raise report.AccountingError(f"assign wrote {info.rows} rows, not {valid_count} valid rows x {model.width} "
                                          "buckets each: rows would go unsearched")
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
@@ -259,10 +260,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                               group_stage)
 
     def estimate_stage() -> dict[str, Any]:
-        if config.estimate.sample_rows == 0 or valid_rows == 0:
+        if config.estimate.sample_rows == 0 or valid_count == 0:
             return {"rows": 0, "skipped": True}
         started_at = time.perf_counter()
-        sample_pairs, sampled = estimate.sample_true_pairs(valid, config.estimate.sample_rows, valid_rows, dim, threshold,
+        sample_pairs, sampled = estimate.sample_true_pairs(spark, rows_uri, config.estimate.sample_rows, valid_count, dim,
+                                                           threshold,
                                                            config.bucketing.seed)
         pairs = tables.read_table(spark, storage.join(staged, "pairs")) if all_pairs else None
         result = estimate.estimate_recall(sample_pairs, sampled, tables.read_table(spark, duplicates_uri), pairs)
@@ -293,7 +295,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     write_result = stages.run("write", {}, write_stage)
 
     removed_rows = group_result["removed_rows"]
-    kept_rows = valid_rows - removed_rows
+    kept_rows = valid_count - removed_rows
     result: dict[str, Any] = {
         "input": {"uri": manifest.input_uri, "format": manifest.format, "dim": dim, "shards": len(manifest.shards)},
         "output": {"uri": config.output.uri, "pairs": config.output.pairs},

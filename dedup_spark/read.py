@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -23,9 +23,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import types as T
 
-from dedup_spark import faults, kernels, storage
+from dedup_spark import faults, kernels, storage, tables
 from dedup_spark.config import JobConfig
-from dedup_spark.tables import packed_binary
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +348,7 @@ def _rows_batch(shard: Shard, start: int, matrix: np.ndarray, reasons: np.ndarra
     if null_ids is not None:
         reasons = np.where(null_ids & (reasons == None), kernels.REJECT_NULL_ID, reasons)  # noqa: E711
     good = reasons == None  # noqa: E711
-    embedding = packed_binary(normalized, good.astype(bool))
+    embedding = tables.packed_binary(normalized, good.astype(bool))
     row_ids = pa.array(ids, mask=null_ids) if null_ids is not None else pa.array(ids)
     return pa.RecordBatch.from_arrays(
         [row_ids, pa.array(np.full(n, shard.shard_id, np.int32)), pa.array(np.arange(start, start + n, dtype=np.int64)),
@@ -406,6 +405,53 @@ def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> Dat
 
     tasks = spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks)))
     return tasks.mapInArrow(decode, ROWS_SCHEMA)
+
+
+VALID_SCHEMA = T.StructType([
+    T.StructField("row_id", T.LongType(), False),
+    T.StructField("embedding", T.BinaryType(), False),
+])
+BatchTransform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+
+
+def _valid_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        accepted = batch.filter(pc.is_null(batch.column("reject_reason")))
+        if accepted.num_rows:
+            yield pa.RecordBatch.from_arrays([accepted.column("row_id"), accepted.column("embedding")],
+                                             names=VALID_SCHEMA.names)
+
+
+def valid_rows(spark: SparkSession, rows_uri: str, transform: BatchTransform | None = None,
+               schema: T.StructType = VALID_SCHEMA) -> DataFrame:
+    """The accepted rows of the stored rows table (VALID_SCHEMA), or ``transform`` of them (``schema``)
+    applied in the Python task that reads them: the rows reach the JVM only as its output."""
+    def accepted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        return _valid_batches(batches) if transform is None else transform(_valid_batches(batches))
+
+    return tables.map_table(spark, rows_uri, ["row_id", "embedding", "reject_reason"], accepted, schema)
+
+
+def write_valid_rows(spark: SparkSession, rows_uri: str, transform: BatchTransform, schema: T.StructType,
+                     uri: str) -> tables.TableInfo:
+    """``transform`` of the accepted rows, written as a table: read, transform and write in one Python task."""
+    return tables.write_mapped_table(spark, rows_uri, ["row_id", "embedding", "reject_reason"],
+                                     lambda batches: transform(_valid_batches(batches)), schema, uri)
+
+
+def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int) -> pa.Table:
+    """A seeded Bernoulli sample of the accepted rows (row_id, embedding), collected to the driver.
+
+    Decided per row by a hash of (row_id, seed), in the reading task: independent of
+    partitioning, and only the sampled rows leave Python.
+    """
+    def sampled(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            keep = kernels.sample_mask(batch.column("row_id").to_numpy(), fraction, seed)
+            if keep.any():
+                yield batch.filter(pa.array(keep))
+
+    return valid_rows(spark, rows_uri, sampled).toArrow()
 
 
 def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:

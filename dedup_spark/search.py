@@ -20,7 +20,7 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -120,9 +120,11 @@ PROBE_PAIRS_SCHEMA = T.StructType([
 ])
 
 
-def scan_probes(rows: DataFrame, probe_ids: np.ndarray, probes: np.ndarray, dim: int, threshold: float) -> DataFrame:
-    """Every (probe, row) with cosine >= threshold: a small probe matrix, shipped to the tasks,
-    compared exactly with every row of ``rows`` (row_id, embedding) in one scan (PROBE_PAIRS_SCHEMA).
+def probe_scanner(probe_ids: np.ndarray, probes: np.ndarray, dim: int,
+                  threshold: float) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A batch transform from (row_id, embedding) rows to every (probe, row) with cosine >= threshold
+    (PROBE_PAIRS_SCHEMA): the small probe matrix, shipped to the tasks, is compared exactly with
+    every row it sees.
 
     Used for the recall estimate (probes: sampled rows) and for audits (probes: query embeddings).
     """
@@ -137,4 +139,10 @@ def scan_probes(rows: DataFrame, probe_ids: np.ndarray, probes: np.ndarray, dim:
                 yield pa.RecordBatch.from_arrays([pa.array(probe_ids[i]), pa.array(row_ids[j]),
                                                   pa.array(similarity, pa.float32())], names=PROBE_PAIRS_SCHEMA.names)
 
-    return rows.select("row_id", "embedding").mapInArrow(scan, PROBE_PAIRS_SCHEMA)
+    return scan
+
+
+def scan_probes(rows: DataFrame, probe_ids: np.ndarray, probes: np.ndarray, dim: int, threshold: float) -> DataFrame:
+    """``probe_scanner`` over a DataFrame of (row_id, embedding) rows, in one scan."""
+    return rows.select("row_id", "embedding").mapInArrow(probe_scanner(probe_ids, probes, dim, threshold),
+                                                         PROBE_PAIRS_SCHEMA)

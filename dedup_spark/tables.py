@@ -42,7 +42,29 @@ class TableInfo:
 def write_table(df: DataFrame, uri: str) -> TableInfo:
     """Write a DataFrame as parquet parts from its tasks; return what was committed."""
     storage.delete_tree(uri)
-    arrow_schema = _arrow_schema(df.schema)
+    written = df.mapInArrow(_part_writer(uri, _arrow_schema(df.schema)), _PART_SCHEMA).collect()
+    return _commit(uri, written, df.schema)
+
+
+def write_mapped_table(spark: SparkSession, source_uri: str, columns: list[str],
+                       transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+                       schema: T.StructType, uri: str) -> TableInfo:
+    """``transform`` of a committed table's batches, written as a new table: read, transform and
+    write happen in one Python task per source part, so the rows never pass through the JVM
+    (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice)."""
+    storage.delete_tree(uri)
+    info = table_info(source_uri)
+    if not info.parts:
+        return write_table(spark.createDataFrame([], schema), uri)
+    reader = _part_reader(source_uri, columns, _arrow_schema(_project(info.schema, columns)))
+    writer = _part_writer(uri, _arrow_schema(schema))
+    written = _parts_frame(spark, info).mapInArrow(lambda paths: writer(transform(reader(paths))),
+                                                   _PART_SCHEMA).collect()
+    return _commit(uri, written, schema)
+
+
+def _part_writer(uri: str, arrow_schema: pa.Schema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function writing its partition as one part; it yields (path, rows)."""
     run_tag = uuid.uuid4().hex[:8]
 
     def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -59,11 +81,15 @@ def write_table(df: DataFrame, uri: str) -> TableInfo:
                     rows += batch.num_rows
         yield pa.RecordBatch.from_pydict({"path": [name], "rows": [rows]})
 
-    written = df.mapInArrow(write_partition, _PART_SCHEMA).collect()
+    return write_partition
+
+
+def _commit(uri: str, written: list, schema: T.StructType) -> TableInfo:
+    """List the parts the successful task attempts reported: the table's manifest."""
     parts = sorted(row["path"] for row in written)
     rows = sum(row["rows"] for row in written)
-    storage.write_json(storage.join(uri, TABLE_MANIFEST), {"rows": rows, "parts": parts, "schema": df.schema.json()})
-    return TableInfo(uri, rows, parts, df.schema)
+    storage.write_json(storage.join(uri, TABLE_MANIFEST), {"rows": rows, "parts": parts, "schema": schema.json()})
+    return TableInfo(uri, rows, parts, schema)
 
 
 def table_info(uri: str) -> TableInfo:
@@ -75,26 +101,49 @@ def table_info(uri: str) -> TableInfo:
 def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None) -> DataFrame:
     """A DataFrame over a committed table, one Spark partition per part."""
     info = table_info(uri)
-    schema = info.schema if columns is None else T.StructType([info.schema[c] for c in columns])
-    arrow_schema = _arrow_schema(schema)
-    base = uri
-    wanted = columns
+    schema = _project(info.schema, columns)
+    if not info.parts:
+        return spark.createDataFrame([], schema)
+    return _parts_frame(spark, info).mapInArrow(_part_reader(uri, columns, _arrow_schema(schema)), schema)
+
+
+def map_table(spark: SparkSession, uri: str, columns: list[str],
+              transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+              schema: T.StructType) -> DataFrame:
+    """``transform`` applied to a committed table's batches in the Python task that reads them:
+    only its output reaches the JVM (``read_table(...).mapInArrow(transform)`` would ship every
+    row Python -> JVM -> Python first)."""
+    info = table_info(uri)
+    if not info.parts:
+        return spark.createDataFrame([], schema)
+    reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
+    return _parts_frame(spark, info).mapInArrow(lambda paths: transform(reader(paths)), schema)
+
+
+def _project(schema: T.StructType, columns: list[str] | None) -> T.StructType:
+    return schema if columns is None else T.StructType([schema[c] for c in columns])
+
+
+def _parts_frame(spark: SparkSession, info: TableInfo) -> DataFrame:
+    # Part i is partition i, whatever the parts are called, so anything derived from partition
+    # order (seeded samples) is the same in every run and after retries.
+    parallel = spark.sparkContext.parallelize([(p,) for p in info.parts], len(info.parts))
+    return spark.createDataFrame(parallel, "path string")
+
+
+def _part_reader(uri: str, columns: list[str] | None,
+                 arrow_schema: pa.Schema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+    """A mapInArrow function from batches of part names to the parts' rows."""
 
     def read_parts(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             for name in batch.column("path").to_pylist():
-                with storage.open_input(storage.join(base, name)) as handle:
+                with storage.open_input(storage.join(uri, name)) as handle:
                     parquet = pq.ParquetFile(handle)
-                    for chunk in parquet.iter_batches(batch_size=8192, columns=wanted):
+                    for chunk in parquet.iter_batches(batch_size=8192, columns=columns):
                         yield chunk.cast(arrow_schema) if chunk.schema != arrow_schema else chunk
 
-    if not info.parts:
-        return spark.createDataFrame([], schema)
-    # Part i is partition i, whatever the parts are called, so anything derived from partition
-    # order (seeded samples) is the same in every run and after retries.
-    parallel = spark.sparkContext.parallelize([(p,) for p in info.parts], len(info.parts))
-    paths = spark.createDataFrame(parallel, "path string")
-    return paths.mapInArrow(read_parts, schema)
+    return read_parts
 
 
 def _arrow_schema(schema: T.StructType) -> pa.Schema:

@@ -169,3 +169,18 @@ def test_hnsw_assignment_agrees_with_flat_for_large_k():
     hnsw = kernels.assign_buckets(rows, kernels.build_quantizer(centroids, "hnsw", 2), 2)
     agreement = np.mean([len(set(a) & set(b)) / 2 for a, b in zip(flat, hnsw)])
     assert agreement > 0.95, agreement
+
+
+def test_sample_mask_is_a_seeded_bernoulli_sample_of_ids():
+    ids = np.arange(10**6, dtype=np.int64) * 7 + 3
+    first = kernels.sample_mask(ids, 0.01, seed=5)
+    # Binomial(10^6, 0.01): sd ~ 99.5, so 5 sd either side.
+    assert abs(int(first.sum()) - 10_000) < 500
+    assert np.array_equal(first, kernels.sample_mask(ids, 0.01, seed=5))
+    # Order-free: the same ids shuffled are sampled the same way.
+    order = np.random.default_rng(0).permutation(ids.size)
+    assert np.array_equal(kernels.sample_mask(ids[order], 0.01, seed=5), first[order])
+    # Another seed gives an independent sample: overlap ~ 10^6 * 0.01^2 = 100.
+    other = kernels.sample_mask(ids, 0.01, seed=6)
+    assert int((first & other).sum()) < 200
+    assert not kernels.sample_mask(ids, 0.0, seed=5).any() and kernels.sample_mask(ids, 1.0, seed=5).all()
