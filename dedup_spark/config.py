@@ -67,7 +67,7 @@ class BucketingConfig:
     rounds: int | None = None
     points_per_centroid: int = 64
     max_train_rows: int = 262144
-    kmeans_iterations: int = 20
+    kmeans_iterations: int = 10
     seed: int = 0
     assign: str = "auto"
     hnsw_min_k: int = 8192
