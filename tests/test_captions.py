@@ -44,6 +44,28 @@ def test_minhash_estimates_jaccard_within_its_error():
     assert np.array_equal(values[0], values[1])
 
 
+def test_batched_signatures_equal_datasketch_per_caption():
+    import zlib
+
+    from datasketch import MinHash
+
+    rng = np.random.default_rng(8)
+    # Many captions at once (several work chunks), with empty and one-shingle captions between them.
+    captions = [random_caption(rng, int(rng.integers(1, 30))) for _ in range(3000)]
+    captions[::500] = [None, "", "ab", "  !!  ", "x", "A b"]
+    for kind, size, num_perm, seed in [("chars", 4, 128, 1), ("words", 2, 64, 7)]:
+        values, present = minhash.signatures(captions, num_perm, kind, size, seed)
+        for row in list(range(0, len(captions), 37)) + list(range(0, len(captions), 500)):
+            grams = minhash.shingles(captions[row], kind, size)
+            assert present[row] == bool(grams)
+            if grams:
+                sketch = MinHash(num_perm=num_perm, seed=seed, hashfunc=zlib.crc32, scheme="affine32")
+                sketch.update_batch(grams)
+                assert np.array_equal(values[row], sketch.hashvalues.astype(np.uint32)), row
+            else:
+                assert not values[row].any()
+
+
 def test_band_layout_catches_same_captions_and_keys_equal_bands():
     for num_perm, same in [(128, 0.7), (64, 0.5), (256, 0.9)]:
         bands, rows = minhash.band_layout(num_perm, same)
