@@ -32,7 +32,7 @@ from pyspark.sql import functions as F
 
 from dedup_spark import bucket, captions, estimate, group, html, kernels, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, read_rows, valid_rows, write_valid_rows
+from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, valid_rows, write_rows, write_valid_rows
 
 log = logging.getLogger("dedup_spark")
 
@@ -112,7 +112,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     rows_uri = storage.join(work, "read")
 
     def read_stage() -> dict[str, Any]:
-        info = tables.write_table(read_rows(spark, manifest, config), rows_uri)  # tasks may fail: see run.fault_task_fraction
+        info = write_rows(spark, manifest, config, rows_uri)  # tasks may fail: see run.fault_task_fraction
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])

@@ -320,8 +320,14 @@ def _binary_values(column: pa.Array, dim: int, dtype: str) -> tuple[np.ndarray, 
     wrong = ~null & (np.nan_to_num(lengths, nan=-1) != width)
     reasons[wrong] = kernels.REJECT_WRONG_DIM
     matrix = np.zeros((n, dim), dtype=dtype)
-    for row in np.flatnonzero(~null & ~wrong):
-        matrix[row] = np.frombuffer(column[row].as_py(), dtype=dtype)
+    good = np.flatnonzero(~null & ~wrong)
+    if good.size:
+        # Each good row's bytes start at its offset: one gather, not a Python call per row.
+        offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+        _, offsets_buffer, data_buffer = column.buffers()
+        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[column.offset:column.offset + n + 1]
+        raw = np.frombuffer(data_buffer, dtype=np.uint8)
+        matrix[good] = raw[offsets[good][:, None] + np.arange(width)].view(dtype)
     return matrix, reasons
 
 
@@ -393,6 +399,18 @@ def read_chunk(manifest: Manifest, config: JobConfig, shard_id: int, start: int,
 
 def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> DataFrame:
     """The rows DataFrame (ROWS_SCHEMA), decoded by Spark tasks, one task per chunk."""
+    tasks, decode = _decoding(spark, manifest, config)
+    return tasks.mapInArrow(decode, ROWS_SCHEMA)
+
+
+def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: str) -> tables.TableInfo:
+    """The rows table (ROWS_SCHEMA), decoded and written by the same Python task, one per chunk."""
+    tasks, decode = _decoding(spark, manifest, config)
+    return tables.write_produced_table(tasks, decode, ROWS_SCHEMA, uri)
+
+
+def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tuple[DataFrame, BatchTransform]:
+    """One task per chunk, and the function decoding a task's chunks into rows batches."""
     chunks = read_chunks(manifest, config.input.chunk_rows)
     manifest_payload = manifest.to_dict()
 
@@ -403,8 +421,7 @@ def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> Dat
                 faults.maybe_fail("read", config.run.fault_task_fraction, (shard_id, start))
                 yield from read_chunk(local_manifest, config, shard_id, start, stop)
 
-    tasks = spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks)))
-    return tasks.mapInArrow(decode, ROWS_SCHEMA)
+    return spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks))), decode
 
 
 VALID_SCHEMA = T.StructType([

@@ -52,14 +52,21 @@ def write_mapped_table(spark: SparkSession, source_uri: str, columns: list[str],
     """``transform`` of a committed table's batches, written as a new table: read, transform and
     write happen in one Python task per source part, so the rows never pass through the JVM
     (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice)."""
-    storage.delete_tree(uri)
     info = table_info(source_uri)
     if not info.parts:
         return write_table(spark.createDataFrame([], schema), uri)
     reader = _part_reader(source_uri, columns, _arrow_schema(_project(info.schema, columns)))
+    return write_produced_table(_parts_frame(spark, info), lambda paths: transform(reader(paths)), schema, uri)
+
+
+def write_produced_table(tasks: DataFrame, produce: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+                         schema: T.StructType, uri: str) -> TableInfo:
+    """A table of what ``produce`` makes from each partition of ``tasks`` (a small DataFrame saying
+    what to do), written by the same Python task: ``write_table(tasks.mapInArrow(produce))``
+    would pass every produced row through the JVM on its way to the writer."""
+    storage.delete_tree(uri)
     writer = _part_writer(uri, _arrow_schema(schema))
-    written = _parts_frame(spark, info).mapInArrow(lambda paths: writer(transform(reader(paths))),
-                                                   _PART_SCHEMA).collect()
+    written = tasks.mapInArrow(lambda batches: writer(produce(batches)), _PART_SCHEMA).collect()
     return _commit(uri, written, schema)
 
 
