@@ -77,6 +77,7 @@ class BucketingConfig:
 class GroupConfig:
     max_rounds: int = 60
     checkpoint_every: int = 1
+    local_edges: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -284,6 +285,7 @@ def validate(config: JobConfig) -> None:
         (config.search.query_block_rows >= 1, "search.query_block_rows must be >= 1"),
         (config.group.max_rounds >= 1, "group.max_rounds must be >= 1"),
         (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),
+        (config.group.local_edges >= 1, "group.local_edges must be >= 1"),
         (config.estimate.sample_rows >= 0, "estimate.sample_rows must be >= 0"),
         (config.run.fail_after_stage in (None, *STAGES), f"run.fail_after_stage must be one of {STAGES}"),
     ]

@@ -16,6 +16,7 @@ smallest row_id of its component, which is the group_id.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -76,7 +77,8 @@ def _local_stars(edges: DataFrame) -> DataFrame:
     The components are unchanged and the edge count does not grow (a component of c nodes has at
     least c - 1 edges and becomes exactly c - 1), but paths and trees become stars, so the
     alternation below starts near its fixed point: search tasks write their spanning forests one
-    task per partition, and forests of chains need many rounds. Memory: one partition's edges.
+    task per partition, and forests of chains need many rounds. Memory: one partition's edges
+    (at most ``group.local_edges`` once ``connected_components`` has merged partitions).
     """
     def to_stars(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         pieces = [batch for batch in batches if batch.num_rows]
@@ -94,13 +96,17 @@ def _local_stars(edges: DataFrame) -> DataFrame:
     return edges.select("row_id_a", "row_id_b").mapInArrow(to_stars, _STAR_SCHEMA)
 
 
-def connected_components(edges: DataFrame, config: JobConfig) -> tuple[DataFrame, dict]:
+def connected_components(edges: DataFrame, config: JobConfig, edge_count: int | None = None) -> tuple[DataFrame, dict]:
     """``row_id, group_id`` for every node with an edge; group_id is the component's smallest row_id.
 
-    ``edges`` has columns row_id_a, row_id_b. Returns the membership and stats
-    (rounds, seconds). Raises ConvergenceError past group.max_rounds.
+    ``edges`` has columns row_id_a, row_id_b. ``edge_count`` (at least the number of edges, when
+    known) lets the local union-find take up to ``group.local_edges`` edges per task: partitions
+    are merged without a shuffle, so components that fit one task are finished before the rounds.
+    Returns the membership and stats (rounds, seconds). Raises ConvergenceError past group.max_rounds.
     """
     started = time.perf_counter()
+    if edge_count is not None:
+        edges = edges.coalesce(max(1, math.ceil(edge_count / config.group.local_edges)))
     current = _local_stars(edges).distinct().localCheckpoint()
     rounds = 0
     while True:

@@ -198,7 +198,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     def group_stage() -> dict[str, Any]:
         edges = tables.read_table(spark, edges_uri)
         step = report.StepLog("group")
-        members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config)
+        members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config,
+                                                       search_result["rows"])
         step.done("connected components")
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
@@ -239,7 +240,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                         "removed_rows": info.rows - groups}]
         for level, extra in enumerate(thresholds[1:], start=1):
             extra_members, _ = group.connected_components(
-                search.forest(edges, level).select("row_id_a", "row_id_b"), config)
+                search.forest(edges, level).select("row_id_a", "row_id_b"), config, search_result["rows"])
             counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})

@@ -55,6 +55,24 @@ def test_components_on_a_100k_path_and_a_100k_star(spark, shape):
     assert stats["rounds"] <= 2 * math.ceil(math.log2(n)), stats
 
 
+def test_local_union_find_takes_up_to_local_edges_per_task(spark):
+    n = 60_000
+    labels = np.random.default_rng(5).permutation(n) * 3 + 1
+    order = np.random.default_rng(6).permutation(n - 1)
+    a, b = labels[:-1][order], labels[1:][order]
+    edges = spark.createDataFrame(pd.DataFrame({"row_id_a": a.astype(np.int64), "row_id_b": b.astype(np.int64)}))
+    edges = edges.repartition(12)
+    expected = groups_of(list(zip(a.tolist(), b.tolist())))
+    for local_edges, finished_locally in [(n, True), (n // 12, False)]:
+        config = config_module.JobConfig(group=config_module.GroupConfig(local_edges=local_edges))
+        members, stats = connected_components(edges, config, edge_count=n - 1)
+        result = members.toPandas()
+        assert dict(zip(result["row_id"].tolist(), result["group_id"].tolist())) == expected
+        # All edges in one task: the union-find finishes the path and no round is needed. At one
+        # twelfth each, the scattered pieces of the path must be joined by the rounds.
+        assert (stats["rounds"] == 0) == finished_locally, (local_edges, stats)
+
+
 def giant_group_data(copies: int, others: int, dim: int, seed: int):
     """``copies`` near-identical rows plus ``others`` CLIP-like rows, shuffled, with an exact oracle.
 
