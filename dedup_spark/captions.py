@@ -4,9 +4,11 @@
 Everything runs in Spark over the rows of duplicate groups only, with no step
 that holds a group's captions together:
 
-1. Each member's caption becomes a MinHash signature (``dedup_spark.minhash``)
-   in a row-wise task; ``caption_similarity`` compares it with the kept row's
-   signature, joined by group.
+1. Each member's caption becomes a MinHash signature (``dedup_spark.minhash``);
+   ``caption_similarity`` compares it with the kept row's signature. This is
+   done by ``group.duplicates_table`` in the same stream (sorted by group, kept
+   row first) that gives the similarity of embeddings, so under the default
+   ``ignore`` policy captions cost one join and the signatures, nothing more.
 2. ``merge`` and ``keep_distinct`` need caption clusters inside each group.
    Candidates come from LSH bands keyed by (group, band, band hash): every row
    is linked to the smallest row of each of its band buckets (a star, so links
@@ -156,25 +158,19 @@ def caption_clusters(signed: DataFrame, config: JobConfig) -> DataFrame:
 
 
 def annotate(duplicates: DataFrame, signed: DataFrame, metadata: DataFrame | None, config: JobConfig) -> CaptionResult:
-    """``duplicates`` with caption_similarity and caption_group filled in and the policy applied,
-    and, for ``merge``, the kept rows' ``captions`` lists.
+    """``duplicates`` (with caption_similarity already filled in by ``group.duplicates_table``)
+    with caption_group filled in and the ``merge`` or ``keep_distinct`` policy applied, and, for
+    ``merge``, the kept rows' ``captions`` lists.
 
     ``signed``: ``signed_members``' output, best read back from a stored table: signatures are
-    the costly part, and they are used up to three times here.
+    the costly part, and clustering and merging both read them.
     """
     from dedup_spark.group import choose_kept
 
     settings = config.captions
-    kept_signatures = signed.where("is_kept").select("group_id", F.col("signature").alias("kept_signature"))
-    similarities = _similarity_column(signed.select("row_id", "group_id", "signature").join(kept_signatures, "group_id"),
-                                      "signature", "kept_signature", "caption_similarity", settings.num_perm)
-    # The kept row is its own caption's exact match (its estimate is 1.0 anyway).
-    base = duplicates.drop("caption_similarity", "caption_group").join(
-        similarities.select("row_id", "caption_similarity"), "row_id", "left")
     if settings.policy == "ignore":
-        annotated = base.withColumn("caption_group", F.lit(None).cast("long"))
-        return CaptionResult(_ordered(annotated), None)
-
+        return CaptionResult(_ordered(duplicates), None)
+    base = duplicates.drop("caption_group")
     clusters = caption_clusters(signed, config)
     annotated = base.join(clusters, "row_id", "left")
     if settings.policy == "keep_distinct":

@@ -26,7 +26,8 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark.config import JobConfig
+from dedup_spark import minhash
+from dedup_spark.config import CaptionsConfig, JobConfig
 from dedup_spark.kernels import components
 from dedup_spark.tables import binary_matrix
 
@@ -151,23 +152,32 @@ DUPLICATES_SCHEMA = T.StructType([
 ])
 
 
-def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: int) -> DataFrame:
-    """Every member of every group with its group size, keep flag and similarity to the kept row.
+def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: int,
+                     captions: DataFrame | None = None, caption_settings: CaptionsConfig | None = None) -> DataFrame:
+    """Every member of every group with its group size, keep flag and similarity to the kept row,
+    and, given ``captions`` (row_id, caption), its caption's estimated similarity to the kept row's.
 
-    Members meet their embeddings in one join; they are then arranged by group with the
-    kept row first, and a task streams through them holding only the current group's kept
-    embedding, so a giant group costs no memory and the embeddings are shuffled once, not
-    twice (a second join on kept_row_id).
+    Members meet their embeddings (and captions) in one join; they are then arranged by group
+    with the kept row first, and a task streams through them holding only the current group's
+    kept embedding and caption signature, so a giant group costs no memory and nothing is
+    shuffled twice (a second join on kept_row_id). Caption signatures are MinHash values
+    (``minhash.signatures``) computed in the stream; caption_group is left null here.
     """
     sizes = members.groupBy("group_id").agg(F.count("*").alias("group_size"))
     flagged = (members.join(sizes, "group_id").join(kept, "group_id")
                .withColumn("is_kept", F.col("row_id") == F.col("kept_row_id")))
     with_embeddings = flagged.join(rows.select("row_id", "embedding"), "row_id")
+    columns = ["row_id", "group_id", "group_size", "is_kept", "embedding"]
+    with_captions = captions is not None  # the task closure must not hold the DataFrame
+    if with_captions:
+        with_embeddings = with_embeddings.join(captions.select("row_id", F.col("caption").cast("string")), "row_id",
+                                               "left")
+        columns.append("caption")
     arranged = (with_embeddings.repartition("group_id").sortWithinPartitions("group_id", F.desc("is_kept"), "row_id")
-                .select("row_id", "group_id", "group_size", "is_kept", "embedding"))
+                .select(*columns))
 
     def similarity(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        carried_group, carried_embedding = None, None
+        carried_group = carried_embedding = carried_signature = None
         for batch in batches:
             if batch.num_rows == 0:
                 continue
@@ -178,18 +188,29 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
             last_kept = np.maximum.accumulate(np.where(is_kept, np.arange(batch.num_rows), -1))
             if carried_embedding is None and last_kept[0] < 0:
                 raise RuntimeError(f"group {group_id[0]} has no kept row")
-            kept_vectors = np.vstack([own, carried_embedding[None, :]]) if carried_embedding is not None else own
-            kept_group = np.append(group_id, carried_group) if carried_embedding is not None else group_id
+            carry = carried_embedding is not None
+            kept_vectors = np.vstack([own, carried_embedding[None, :]]) if carry else own
+            kept_group = np.append(group_id, carried_group) if carry else group_id
             source = np.where(last_kept >= 0, last_kept, batch.num_rows)
             if not np.array_equal(kept_group[source], group_id):
                 raise RuntimeError("a group's kept row is missing from its members")
             sim = np.einsum("ij,ij->i", own, kept_vectors[source])
             sim[is_kept] = 1.0
+            caption_similarity = pa.nulls(batch.num_rows, pa.float32())
+            if with_captions:
+                values, present = minhash.signatures(batch.column("caption").to_pylist(), caption_settings.num_perm,
+                                                     caption_settings.shingles, caption_settings.shingle_size)
+                # A signature row with a presence flag in front: carried like the kept embedding.
+                signed = np.hstack([present[:, None].astype(np.uint32), values])
+                kept_signed = np.vstack([signed, carried_signature[None, :]]) if carry else signed
+                both = present & (kept_signed[source, 0] == 1)
+                estimate = minhash.similarity(values, kept_signed[source, 1:])
+                caption_similarity = pa.array(estimate, pa.float32(), mask=~both)
+                carried_signature = kept_signed[source[-1]].copy()
             carried_group, carried_embedding = kept_group[source[-1]], kept_vectors[source[-1]].copy()
             yield pa.RecordBatch.from_arrays(
                 [batch.column("row_id"), batch.column("group_id"), batch.column("group_size"), batch.column("is_kept"),
-                 pa.array(sim, pa.float32()), pa.nulls(batch.num_rows, pa.float32()),
-                 pa.nulls(batch.num_rows, pa.int64())],
+                 pa.array(sim, pa.float32()), caption_similarity, pa.nulls(batch.num_rows, pa.int64())],
                 names=DUPLICATES_SCHEMA.names)
 
     return arranged.mapInArrow(similarity, DUPLICATES_SCHEMA)

@@ -203,19 +203,21 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         step.done("connected components")
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
-        duplicates = group.duplicates_table(members, kept, valid, dim)
-        merged_rows = None
-        if caption_name is None:
-            info = tables.write_table(duplicates, duplicates_uri)
-            step.done("duplicates/ with similarity to kept")
-        else:
-            # Signatures are stored once: similarity, clustering and merging each read them.
-            base_uri, signed_uri = storage.join(work, "duplicates_base"), storage.join(work, "caption_signatures")
-            tables.write_table(duplicates, base_uri)
-            step.done("duplicates with similarity to kept")
-            base = tables.read_table(spark, base_uri)
+        caption_rows = None
+        if caption_name is not None:
             source = metadata if metadata is not None else read_metadata(spark, manifest, config, [caption_name])
             caption_rows = source.select("row_id", F.col(caption_name).alias("caption"))
+        duplicates = group.duplicates_table(members, kept, valid, dim, caption_rows, config.captions)
+        merged_rows = None
+        if caption_name is None or config.captions.policy == "ignore":
+            info = tables.write_table(duplicates, duplicates_uri)
+            step.done("duplicates/ with similarity to kept" + ("" if caption_name is None else " and caption similarity"))
+        else:
+            # Signatures are stored once: clustering and merging each read them.
+            base_uri, signed_uri = storage.join(work, "duplicates_base"), storage.join(work, "caption_signatures")
+            tables.write_table(duplicates, base_uri)
+            step.done("duplicates with similarity to kept and caption similarity")
+            base = tables.read_table(spark, base_uri)
             tables.write_table(captions.signed_members(base, caption_rows, config), signed_uri)
             step.done("caption signatures")
             annotated = captions.annotate(base, tables.read_table(spark, signed_uri), metadata, config)
