@@ -85,21 +85,25 @@ def dataset_views(duplicates, metadata, bucket_sizes: list[int]) -> dict[str, An
         ranked = (duplicates.join(F.broadcast(wanted), "group_id")
                   .withColumn("rank", F.row_number().over(Window.partitionBy("group_id").orderBy(
                       F.desc("is_kept"), "similarity_to_kept", "row_id")))
-                  .where("rank <= 2"))
-        shown_columns = []
+                  .where("rank <= 2").orderBy("group_id", "rank").collect())
+        roles = {}
         if metadata is not None:
             for role, names in _SHOWN_COLUMNS.items():
                 name = next((n for n in names if n in metadata.columns and n != "row_id"), None)
                 if name:
-                    shown_columns.append(F.col(name).cast("string").alias(role))
-            info = metadata.select("row_id", *shown_columns) if shown_columns else None
-            if info is not None:
-                ranked = ranked.join(info, "row_id", "left")
+                    roles[role] = F.col(name).cast("string").alias(role)
+        shown: dict[int, dict] = {}
+        if roles and ranked:
+            # The shown rows are a handful: filter the metadata scan by their ids rather than join
+            # (a join would shuffle every metadata row to meet them).
+            ids = [int(row["row_id"]) for row in ranked]
+            for row in metadata.where(F.col("row_id").isin(ids)).select("row_id", *roles.values()).collect():
+                shown[int(row["row_id"])] = row.asDict()
         members: dict[int, list[dict]] = {}
-        for row in ranked.orderBy("group_id", "rank").collect():
+        for row in ranked:
             entry = {"row_id": int(row["row_id"]), "is_kept": bool(row["is_kept"]),
                      "similarity_to_kept": round(float(row["similarity_to_kept"]), 4)}
-            entry.update({role: row[role] for role in _SHOWN_COLUMNS if role in row.asDict()})
+            entry.update({role: shown.get(entry["row_id"], {}).get(role) for role in roles})
             members.setdefault(int(row["group_id"]), []).append(entry)
         for entry in groups:
             entry["members"] = members.get(entry["group_id"], [])
