@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 
 from dedup_spark import kernels, read, storage
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.tables import binary_matrix, packed_binary
+from dedup_spark.tables import BatchTransform, binary_matrix, packed_binary
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
     return _ASSIGNERS[key]
 
 
-def assigner(model_uri: str, dim: int, model_id: str = "") -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def assigner(model_uri: str, dim: int, model_id: str = "") -> BatchTransform:
     """A batch transform from (row_id, embedding) rows to every row once per bucket it joins
     (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
 

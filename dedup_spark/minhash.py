@@ -65,14 +65,13 @@ def signatures(captions: list[str | None], num_perm: int = 128, kind: str = "cha
     counts = np.fromiter((len(h) for h in hashed), dtype=np.int64, count=len(hashed))
     present = counts > 0
     rows = np.flatnonzero(present)
-    # Chunks of about _CHUNK_SHINGLES shingles bound the (shingles x num_perm) work matrix.
     ends = np.cumsum(counts[rows])
-    cuts = np.searchsorted(ends, np.arange(_CHUNK_SHINGLES, ends[-1] + _CHUNK_SHINGLES, _CHUNK_SHINGLES)) if rows.size else []
     start = 0
-    for stop in sorted(set(int(c) + 1 for c in cuts) | {rows.size}):
-        chunk = rows[start:min(stop, rows.size)]
-        if not chunk.size:
-            continue
+    while start < rows.size:
+        # Captions up to _CHUNK_SHINGLES shingles (at least one caption) bound the work matrix.
+        done = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, done + _CHUNK_SHINGLES, side="right")))
+        chunk = rows[start:stop]
         flat = _fmix32(np.fromiter(itertools.chain.from_iterable(hashed[row] for row in chunk), dtype=np.uint32,
                                    count=int(counts[chunk].sum())))
         with np.errstate(over="ignore"):
@@ -80,7 +79,7 @@ def signatures(captions: list[str | None], num_perm: int = 128, kind: str = "cha
             permuted = multipliers[:, None] * flat + offsets[:, None]
         starts = np.concatenate([[0], np.cumsum(counts[chunk])[:-1]])
         values[chunk] = np.minimum.reduceat(permuted, starts, axis=1).T
-        start = min(stop, rows.size)
+        start = stop
     return values, present
 
 

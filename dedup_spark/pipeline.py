@@ -267,8 +267,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             return {"rows": 0, "skipped": True}
         started_at = time.perf_counter()
         sample_pairs, sampled = estimate.sample_true_pairs(spark, rows_uri, config.estimate.sample_rows, valid_count, dim,
-                                                           threshold,
-                                                           config.bucketing.seed)
+                                                           threshold, config.bucketing.seed)
         pairs = tables.read_table(spark, storage.join(staged, "pairs")) if all_pairs else None
         result = estimate.estimate_recall(sample_pairs, sampled, tables.read_table(spark, duplicates_uri), pairs)
         result["seconds"] = round(time.perf_counter() - started_at, 3)

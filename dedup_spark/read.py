@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -323,11 +323,8 @@ def _binary_values(column: pa.Array, dim: int, dtype: str) -> tuple[np.ndarray, 
     good = np.flatnonzero(~null & ~wrong)
     if good.size:
         # Each good row's bytes start at its offset: one gather, not a Python call per row.
-        offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
-        _, offsets_buffer, data_buffer = column.buffers()
-        offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[column.offset:column.offset + n + 1]
-        raw = np.frombuffer(data_buffer, dtype=np.uint8)
-        matrix[good] = raw[offsets[good][:, None] + np.arange(width)].view(dtype)
+        offsets, data = tables.binary_buffers(column)
+        matrix[good] = data[offsets[good][:, None] + np.arange(width)].view(dtype)
     return matrix, reasons
 
 
@@ -409,7 +406,7 @@ def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: 
     return tables.write_produced_table(tasks, decode, ROWS_SCHEMA, uri)
 
 
-def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tuple[DataFrame, BatchTransform]:
+def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tuple[DataFrame, tables.BatchTransform]:
     """One task per chunk, and the function decoding a task's chunks into rows batches."""
     chunks = read_chunks(manifest, config.input.chunk_rows)
     manifest_payload = manifest.to_dict()
@@ -428,7 +425,8 @@ VALID_SCHEMA = T.StructType([
     T.StructField("row_id", T.LongType(), False),
     T.StructField("embedding", T.BinaryType(), False),
 ])
-BatchTransform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
+# The rows table's columns the accepted rows are read from.
+_VALID_SOURCE = ["row_id", "embedding", "reject_reason"]
 
 
 def _valid_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -439,21 +437,21 @@ def _valid_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch
                                              names=VALID_SCHEMA.names)
 
 
-def valid_rows(spark: SparkSession, rows_uri: str, transform: BatchTransform | None = None,
+def valid_rows(spark: SparkSession, rows_uri: str, transform: tables.BatchTransform | None = None,
                schema: T.StructType = VALID_SCHEMA) -> DataFrame:
     """The accepted rows of the stored rows table (VALID_SCHEMA), or ``transform`` of them (``schema``)
     applied in the Python task that reads them: the rows reach the JVM only as its output."""
     def accepted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         return _valid_batches(batches) if transform is None else transform(_valid_batches(batches))
 
-    return tables.map_table(spark, rows_uri, ["row_id", "embedding", "reject_reason"], accepted, schema)
+    return tables.map_table(spark, rows_uri, _VALID_SOURCE, accepted, schema)
 
 
-def write_valid_rows(spark: SparkSession, rows_uri: str, transform: BatchTransform, schema: T.StructType,
+def write_valid_rows(spark: SparkSession, rows_uri: str, transform: tables.BatchTransform, schema: T.StructType,
                      uri: str) -> tables.TableInfo:
     """``transform`` of the accepted rows, written as a table: read, transform and write in one Python task."""
-    return tables.write_mapped_table(spark, rows_uri, ["row_id", "embedding", "reject_reason"],
-                                     lambda batches: transform(_valid_batches(batches)), schema, uri)
+    return tables.write_mapped_table(spark, rows_uri, _VALID_SOURCE, lambda batches: transform(_valid_batches(batches)),
+                                     schema, uri)
 
 
 def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int) -> pa.Table:

@@ -20,7 +20,7 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -29,7 +29,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import faults, kernels
-from dedup_spark.tables import binary_matrix, stream_groups
+from dedup_spark.tables import BatchTransform, binary_matrix, stream_groups
 
 EDGES_SCHEMA = T.StructType([
     T.StructField("row_id_a", T.LongType(), False),
@@ -121,7 +121,7 @@ PROBE_PAIRS_SCHEMA = T.StructType([
 
 
 def probe_scanner(probe_ids: np.ndarray, probes: np.ndarray, dim: int,
-                  threshold: float) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+                  threshold: float) -> BatchTransform:
     """A batch transform from (row_id, embedding) rows to every (probe, row) with cosine >= threshold
     (PROBE_PAIRS_SCHEMA): the small probe matrix, shipped to the tasks, is compared exactly with
     every row it sees.

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 TABLE_MANIFEST = "_table.json"
 _PART_SCHEMA = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType())])
+# What mapInArrow runs: a partition's Arrow batches in, batches out.
+BatchTransform = Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]
 
 
 @dataclass(frozen=True)
@@ -47,19 +49,19 @@ def write_table(df: DataFrame, uri: str) -> TableInfo:
 
 
 def write_mapped_table(spark: SparkSession, source_uri: str, columns: list[str],
-                       transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+                       transform: BatchTransform,
                        schema: T.StructType, uri: str) -> TableInfo:
     """``transform`` of a committed table's batches, written as a new table: read, transform and
     write happen in one Python task per source part, so the rows never pass through the JVM
     (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice)."""
-    info = table_info(source_uri)
-    if not info.parts:
+    reading = _reading(spark, source_uri, table_info(source_uri), columns)
+    if reading is None:
         return write_table(spark.createDataFrame([], schema), uri)
-    reader = _part_reader(source_uri, columns, _arrow_schema(_project(info.schema, columns)))
-    return write_produced_table(_parts_frame(spark, info), lambda paths: transform(reader(paths)), schema, uri)
+    paths, reader = reading
+    return write_produced_table(paths, lambda batches: transform(reader(batches)), schema, uri)
 
 
-def write_produced_table(tasks: DataFrame, produce: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+def write_produced_table(tasks: DataFrame, produce: BatchTransform,
                          schema: T.StructType, uri: str) -> TableInfo:
     """A table of what ``produce`` makes from each partition of ``tasks`` (a small DataFrame saying
     what to do), written by the same Python task: ``write_table(tasks.mapInArrow(produce))``
@@ -70,7 +72,7 @@ def write_produced_table(tasks: DataFrame, produce: Callable[[Iterator[pa.Record
     return _commit(uri, written, schema)
 
 
-def _part_writer(uri: str, arrow_schema: pa.Schema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+def _part_writer(uri: str, arrow_schema: pa.Schema) -> BatchTransform:
     """A mapInArrow function writing its partition as one part; it yields (path, rows)."""
     run_tag = uuid.uuid4().hex[:8]
 
@@ -109,37 +111,45 @@ def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None) 
     """A DataFrame over a committed table, one Spark partition per part."""
     info = table_info(uri)
     schema = _project(info.schema, columns)
-    if not info.parts:
+    reading = _reading(spark, uri, info, columns)
+    if reading is None:
         return spark.createDataFrame([], schema)
-    return _parts_frame(spark, info).mapInArrow(_part_reader(uri, columns, _arrow_schema(schema)), schema)
+    paths, reader = reading
+    return paths.mapInArrow(reader, schema)
 
 
 def map_table(spark: SparkSession, uri: str, columns: list[str],
-              transform: Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]],
+              transform: BatchTransform,
               schema: T.StructType) -> DataFrame:
     """``transform`` applied to a committed table's batches in the Python task that reads them:
     only its output reaches the JVM (``read_table(...).mapInArrow(transform)`` would ship every
     row Python -> JVM -> Python first)."""
-    info = table_info(uri)
-    if not info.parts:
+    reading = _reading(spark, uri, table_info(uri), columns)
+    if reading is None:
         return spark.createDataFrame([], schema)
-    reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
-    return _parts_frame(spark, info).mapInArrow(lambda paths: transform(reader(paths)), schema)
+    paths, reader = reading
+    return paths.mapInArrow(lambda batches: transform(reader(batches)), schema)
 
 
 def _project(schema: T.StructType, columns: list[str] | None) -> T.StructType:
     return schema if columns is None else T.StructType([schema[c] for c in columns])
 
 
-def _parts_frame(spark: SparkSession, info: TableInfo) -> DataFrame:
+def _reading(spark: SparkSession, uri: str, info: TableInfo,
+             columns: list[str] | None) -> tuple[DataFrame, BatchTransform] | None:
+    """A DataFrame of a committed table's part names, one partition each, and the mapInArrow
+    function reading them; None for a table without parts."""
+    if not info.parts:
+        return None
     # Part i is partition i, whatever the parts are called, so anything derived from partition
     # order (seeded samples) is the same in every run and after retries.
     parallel = spark.sparkContext.parallelize([(p,) for p in info.parts], len(info.parts))
-    return spark.createDataFrame(parallel, "path string")
+    reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
+    return spark.createDataFrame(parallel, "path string"), reader
 
 
 def _part_reader(uri: str, columns: list[str] | None,
-                 arrow_schema: pa.Schema) -> Callable[[Iterator[pa.RecordBatch]], Iterator[pa.RecordBatch]]:
+                 arrow_schema: pa.Schema) -> BatchTransform:
     """A mapInArrow function from batches of part names to the parts' rows."""
 
     def read_parts(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -165,11 +175,16 @@ def binary_matrix(column: pa.Array | pa.ChunkedArray, dim: int, dtype: str = "fl
         column = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
     if len(column) == 0:
         return np.zeros((0, dim), dtype=dtype)
+    offsets, data = binary_buffers(column)
+    return data[offsets[0]: offsets[-1]].view(dtype).reshape(len(column), dim)
+
+
+def binary_buffers(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A binary column's value offsets (len + 1, as numpy) and its data bytes, without copying."""
     offset_type = np.int64 if pa.types.is_large_binary(column.type) else np.int32
     _, offsets_buffer, data_buffer = column.buffers()
     offsets = np.frombuffer(offsets_buffer, dtype=offset_type)[column.offset: column.offset + len(column) + 1]
-    raw = np.frombuffer(data_buffer, dtype=np.uint8)[offsets[0]: offsets[-1]]
-    return raw.view(dtype).reshape(len(column), dim)
+    return offsets, np.frombuffer(data_buffer, dtype=np.uint8)
 
 
 def packed_binary(matrix: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
