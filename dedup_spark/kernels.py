@@ -311,8 +311,13 @@ def histogram_edges(threshold: float, bins: int) -> np.ndarray:
 
 @dataclass
 class _Found:
-    """What ``graph_search`` accumulates over its blocks."""
+    """One ``graph_search``: its fixed inputs, and what it accumulates over its blocks."""
 
+    points: np.ndarray
+    thresholds: list[float]
+    margin: float
+    buckets: np.ndarray | None
+    bucket_id: int
     forests: list[SpanningForest]
     chosen: list[list[tuple[np.ndarray, np.ndarray]]]
     pair_counts: np.ndarray
@@ -368,7 +373,9 @@ def graph_search(
     exactly like a search at that threshold alone.
     """
     thresholds = [float(t) for t in thresholds]
-    found = _Found([SpanningForest(points.shape[0]) for _ in thresholds], [[] for _ in thresholds],
+    margin = similarity_margin(points.shape[1])
+    found = _Found(points, thresholds, margin, buckets, bucket_id,
+                   [SpanningForest(points.shape[0]) for _ in thresholds], [[] for _ in thresholds],
                    np.zeros(len(thresholds), dtype=np.int64), np.zeros(histogram_bins, dtype=np.int64),
                    (1.0 - thresholds[0]) / histogram_bins if thresholds[0] < 1.0 else 1.0, [], emit_pairs)
     same = right is None
@@ -376,7 +383,6 @@ def graph_search(
     # Gathered once: each block is then a slice, not a copy of its columns.
     left32 = np.ascontiguousarray(points[left], dtype=np.float32)
     right32 = left32 if same else np.ascontiguousarray(points[right], dtype=np.float32)
-    margin = similarity_margin(points.shape[1])
     lowest = np.float32(thresholds[0] - margin)
     # Bytes per similarity cell while a block is live: scores and masks, and where every cell is a
     # hit (a giant group) the found pairs' indices, values and bins; 8 more per extra threshold's copy.
@@ -398,11 +404,9 @@ def graph_search(
         for raw, cols, diagonal in products:
             candidate = raw >= lowest
             if np.count_nonzero(candidate) * 8 <= candidate.size:
-                _sparse_block(found, raw, candidate, rows, cols, diagonal, points, thresholds, margin, sharing,
-                              buckets, bucket_id)
+                _sparse_block(found, raw, candidate, rows, cols, diagonal, sharing)
             else:
-                _dense_block(found, raw, rows, cols, diagonal, points, thresholds, margin, sharing, buckets,
-                             bucket_id)
+                _dense_block(found, raw, rows, cols, diagonal, sharing)
     result = []
     for picked in found.chosen:
         if not picked:
@@ -417,9 +421,9 @@ def graph_search(
 
 
 def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: np.ndarray, cols: np.ndarray,
-                  diagonal: bool, points: np.ndarray, thresholds: list[float], margin: float, sharing: str,
-                  buckets: np.ndarray | None, bucket_id: int) -> None:
+                  diagonal: bool, sharing: str) -> None:
     """One block whose candidate cells are few: list them, settle them exactly, link them."""
+    points, thresholds, margin = found.points, found.thresholds, found.margin
     r, c = np.divmod(np.flatnonzero(candidate), raw.shape[1])
     if diagonal:  # the rows against themselves: each pair once, j after i
         upper = c > r
@@ -441,7 +445,7 @@ def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: n
     elif sharing == "all":
         mine = np.zeros(node_a.size, dtype=bool)
     else:
-        mine = owned(buckets, bucket_id, node_a, node_b)
+        mine = owned(found.buckets, found.bucket_id, node_a, node_b)
     for level, threshold in enumerate(thresholds):
         level_hit = similarity >= threshold
         found.pair_counts[level] += int(np.count_nonzero(level_hit & mine))
@@ -453,9 +457,9 @@ def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: n
 
 
 def _dense_block(found: _Found, raw: np.ndarray, rows: np.ndarray, cols: np.ndarray, diagonal: bool,
-                 points: np.ndarray, thresholds: list[float], margin: float, sharing: str,
-                 buckets: np.ndarray | None, bucket_id: int) -> None:
+                 sharing: str) -> None:
     """One block where most cells are pairs (a giant group): count and link without listing pairs."""
+    points, thresholds, margin = found.points, found.thresholds, found.margin
     if diagonal:  # the rows against themselves: each pair once, j after i
         raw[np.tril(np.ones(raw.shape, dtype=bool))] = -np.inf
     histogram_bins = len(found.histogram)
@@ -475,7 +479,7 @@ def _dense_block(found: _Found, raw: np.ndarray, rows: np.ndarray, cols: np.ndar
         else:
             if sharing == "some":
                 # One mask per shared smaller bucket beats per-pair checks on this many pairs.
-                own_mask = _owned_mask(buckets, bucket_id, rows, cols)
+                own_mask = _owned_mask(found.buckets, found.bucket_id, rows, cols)
             counted = hits if own_mask is None else hits & own_mask
             if found.emit_pairs:
                 kept_r, kept_c = np.nonzero(counted)
