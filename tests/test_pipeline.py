@@ -97,3 +97,23 @@ def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_p
     for group in groups.values():
         size_of[group] = size_of.get(group, 0) + 1
     assert all(sizes[row] == size_of[groups[row]] for row in groups)
+
+
+def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_path):
+    from dedup_spark import tables
+
+    # 40 parts of ~2 KB: with a 10 KB task target they fit 8 tasks, never fewer than the cores.
+    rows = spark.range(0, 4000, 1, 40).selectExpr("id as row_id", "id * 2 as value")
+    info = tables.write_table(rows, str(tmp_path / "small"))
+    assert len(info.parts) == 40 and len(info.part_bytes) == 40
+    tasks = tables.read_tasks(info.parts, info.part_bytes, parallelism=2, task_bytes=10_000)
+    assert [part for task in tasks for part in task] == info.parts
+    assert len(tasks) == max(2, -(-sum(info.part_bytes) // 10_000))
+    assert tables.read_tasks(info.parts, info.part_bytes, parallelism=64) == [[part] for part in info.parts]
+    # Large parts are never merged; manifests without sizes read one part per task.
+    assert tables.read_tasks(info.parts, [1 << 30] * 40, parallelism=2) == [[part] for part in info.parts]
+    assert tables.read_tasks(info.parts, None, parallelism=2) == [[part] for part in info.parts]
+    table = tables.read_table(spark, str(tmp_path / "small"))
+    assert table.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism
+    read_back = sorted((r["row_id"], r["value"]) for r in table.collect())
+    assert read_back == [(i, 2 * i) for i in range(4000)]
