@@ -29,20 +29,34 @@ def normalize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     reason per row (None for good rows). Rejected rows are zero in the output.
     """
     values = np.asarray(matrix, dtype=np.float32)
+    # A non-finite component makes its row's float64 square sum non-finite, and finite float32
+    # components cannot overflow it: one pass finds both the norms and the bad rows.
+    squares = np.einsum("ij,ij->i", values, values, dtype=np.float64)
+    finite = np.isfinite(squares)
     reasons = np.full(values.shape[0], None, dtype=object)
-    finite = np.isfinite(values).all(axis=1)
     reasons[~finite] = REJECT_NOT_FINITE
-    safe = np.where(finite[:, None], values, 0.0)
-    norms = np.sqrt(np.einsum("ij,ij->i", safe, safe, dtype=np.float64))
-    zero = finite & ~(norms > 0.0)
+    zero = finite & ~(squares > 0.0)
     reasons[zero] = REJECT_ZERO_NORM
     good = finite & ~zero
+    norms = np.sqrt(np.where(good, squares, 1.0))
     out = np.zeros(values.shape, dtype=np.float16)
-    out[good] = (safe[good] / norms[good, None]).astype(np.float16)
+    # float64 quotients rounded once to float16, a slab at a time (a whole block's float64
+    # temporary would be 4x the float16 block).
+    for start in range(0, values.shape[0], _NORMALIZE_ROWS):
+        rows = slice(start, start + _NORMALIZE_ROWS)
+        quotient = values[rows] / norms[rows, None]
+        keep = good[rows]
+        if keep.all():
+            out[rows] = quotient
+        else:
+            out[rows][keep] = quotient[keep]
     # A vector whose every component underflows float16 after scaling is unusable.
     underflow = good & ~np.any(out != 0, axis=1)
     reasons[underflow] = REJECT_ZERO_NORM
     return out, reasons
+
+
+_NORMALIZE_ROWS = 4096
 
 
 def sample_mask(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -29,6 +29,21 @@ def test_normalize_matches_contract_and_flags_bad_rows():
     assert not normalized[[1, 2, 3]].any()
 
 
+def test_normalize_is_exact_across_slabs_and_extreme_values():
+    rng = np.random.default_rng(1)
+    raw = rng.standard_normal((10_000, 16)).astype(np.float32)
+    raw[5000] = 1e30  # squares overflow float32 but not the float64 sum: a good row
+    raw[6000, 3] = np.inf
+    raw[9000] = 0
+    raw[9500] = 1e-30  # tiny but normalisable: a good row
+    normalized, reasons = kernels.normalize_rows(raw)
+    bad = {6000: "not_finite", 9000: "zero_norm"}
+    assert {i: r for i, r in enumerate(reasons) if r is not None} == bad
+    good = np.array([i for i in range(len(raw)) if i not in bad])
+    assert np.array_equal(normalized[good], normalize(raw[good]))
+    assert not normalized[list(bad)].any()
+
+
 def _as_dict(blocks, ids_left, ids_right):
     found = {}
     for i, j, s in blocks:
