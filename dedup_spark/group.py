@@ -106,11 +106,14 @@ def connected_components(edges: DataFrame, config: JobConfig, edge_count: int | 
     Returns the membership and stats (rounds, seconds). Raises ConvergenceError past group.max_rounds.
     """
     started = time.perf_counter()
+    partitions = None
     if edge_count is not None:
-        edges = edges.coalesce(max(1, math.ceil(edge_count / config.group.local_edges)))
+        partitions = max(1, math.ceil(edge_count / config.group.local_edges))
+        edges = edges.coalesce(partitions)
     current = _local_stars(edges).distinct().localCheckpoint()
     rounds = 0
-    while True:
+    # One task's union-find over every edge leaves final stars: no round, and no check, is needed.
+    while partitions != 1:
         if _is_star_forest(current):
             break
         if rounds >= config.group.max_rounds:
