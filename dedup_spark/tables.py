@@ -119,7 +119,7 @@ def table_info(uri: str) -> TableInfo:
 
 
 def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None) -> DataFrame:
-    """A DataFrame over a committed table, one Spark partition per part."""
+    """A DataFrame over a committed table: one Spark partition per part, or per few small parts (``read_tasks``)."""
     info = table_info(uri)
     schema = _project(info.schema, columns)
     reading = _reading(spark, uri, info, columns)
