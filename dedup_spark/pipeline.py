@@ -196,7 +196,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     merged_uri = storage.join(work, "merged_captions")
 
     def group_stage() -> dict[str, Any]:
-        edges = tables.read_table(spark, edges_uri)
+        # A partition of edges is at most what one local union-find may hold.
+        edges = tables.read_table(spark, edges_uri, max_task_rows=config.group.local_edges)
         step = report.StepLog("group")
         members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config,
                                                        search_result["rows"])

@@ -118,11 +118,16 @@ def table_info(uri: str) -> TableInfo:
     return TableInfo(uri, manifest["rows"], manifest["parts"], schema, manifest.get("part_bytes"))
 
 
-def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None) -> DataFrame:
-    """A DataFrame over a committed table: one Spark partition per part, or per few small parts (``read_tasks``)."""
+def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None,
+               max_task_rows: int | None = None) -> DataFrame:
+    """A DataFrame over a committed table: one Spark partition per part, or per few small parts (``read_tasks``).
+
+    ``max_task_rows``: merge small parts only up to about this many rows a partition, for consumers
+    that hold a whole partition (the local union-find); a larger part is still read whole.
+    """
     info = table_info(uri)
     schema = _project(info.schema, columns)
-    reading = _reading(spark, uri, info, columns)
+    reading = _reading(spark, uri, info, columns, max_task_rows)
     if reading is None:
         return spark.createDataFrame([], schema)
     paths, reader = reading
@@ -146,13 +151,16 @@ def _project(schema: T.StructType, columns: list[str] | None) -> T.StructType:
     return schema if columns is None else T.StructType([schema[c] for c in columns])
 
 
-def _reading(spark: SparkSession, uri: str, info: TableInfo,
-             columns: list[str] | None) -> tuple[DataFrame, BatchTransform] | None:
-    """A DataFrame of a committed table's part names, one partition each, and the mapInArrow
+def _reading(spark: SparkSession, uri: str, info: TableInfo, columns: list[str] | None,
+             max_task_rows: int | None = None) -> tuple[DataFrame, BatchTransform] | None:
+    """A DataFrame of a committed table's part names, a list per reading task, and the mapInArrow
     function reading them; None for a table without parts."""
     if not info.parts:
         return None
-    tasks = read_tasks(info.parts, info.part_bytes, spark.sparkContext.defaultParallelism)
+    task_bytes = READ_TASK_BYTES
+    if max_task_rows is not None and info.part_bytes is not None and info.rows:
+        task_bytes = min(task_bytes, max(1, int(max_task_rows * sum(info.part_bytes) / info.rows)))
+    tasks = read_tasks(info.parts, info.part_bytes, spark.sparkContext.defaultParallelism, task_bytes)
     parallel = spark.sparkContext.parallelize([(paths,) for paths in tasks], len(tasks))
     reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
     return spark.createDataFrame(parallel, "paths array<string>"), reader

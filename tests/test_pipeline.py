@@ -117,3 +117,7 @@ def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_pa
     assert table.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism
     read_back = sorted((r["row_id"], r["value"]) for r in table.collect())
     assert read_back == [(i, 2 * i) for i in range(4000)]
+    # A consumer holding whole partitions (the local union-find) caps the rows a task merges.
+    capped = tables.read_table(spark, str(tmp_path / "small"), max_task_rows=500)
+    sizes = capped.rdd.glom().map(len).collect()
+    assert sum(sizes) == 4000 and len(sizes) == 8 and max(sizes) <= 500 + 100
