@@ -173,17 +173,21 @@ def read_tasks(parts: list[str], part_bytes: list[int] | None, parallelism: int,
     """The parts each reading task reads: consecutive parts, about ``task_bytes`` a task, and at least
     ``parallelism`` tasks while there are parts for them. A part is never split, so a table of large
     parts is read one part per task. Deterministic in the manifest alone."""
-    if part_bytes is None or len(parts) <= parallelism:
+    if part_bytes is None:
         return [[part] for part in parts]
     sizes = np.maximum(np.asarray(part_bytes, dtype=np.float64), 1.0)
     tasks = int(min(len(parts), max(parallelism, np.ceil(sizes.sum() / task_bytes))))
-    # Part i goes to the task its first byte falls in, so tasks get nearly equal bytes.
+    # Part i goes to the task its first byte falls in, so tasks get nearly equal bytes; but no task
+    # is skipped (one large part would leave the next share empty) and enough parts are left for
+    # the tasks after it, so there are exactly ``tasks`` tasks.
     starts = np.concatenate([[0.0], np.cumsum(sizes)[:-1]])
-    owner = np.minimum((starts / sizes.sum() * tasks).astype(np.int64), tasks - 1)
-    grouped: list[list[str]] = [[] for _ in range(tasks)]
-    for part, task in zip(parts, owner):
-        grouped[task].append(part)
-    return [paths for paths in grouped if paths]
+    proposed = np.minimum((starts / sizes.sum() * tasks).astype(np.int64), tasks - 1)
+    grouped: list[list[str]] = []
+    for index, (part, task) in enumerate(zip(parts, proposed)):
+        if len(grouped) < tasks and (not grouped or task >= len(grouped) or len(parts) - index <= tasks - len(grouped)):
+            grouped.append([])
+        grouped[-1].append(part)
+    return grouped
 
 
 def _part_reader(uri: str, columns: list[str] | None,

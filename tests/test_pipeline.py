@@ -113,6 +113,8 @@ def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_pa
     # Large parts are never merged; manifests without sizes read one part per task.
     assert tables.read_tasks(info.parts, [1 << 30] * 40, parallelism=2) == [[part] for part in info.parts]
     assert tables.read_tasks(info.parts, None, parallelism=2) == [[part] for part in info.parts]
+    # One large part does not leave the next task empty: still as many tasks as cores.
+    assert tables.read_tasks(["a", "b", "c", "d"], [10, 1, 1, 1], parallelism=3) == [["a"], ["b"], ["c", "d"]]
     table = tables.read_table(spark, str(tmp_path / "small"))
     assert table.rdd.getNumPartitions() == spark.sparkContext.defaultParallelism
     read_back = sorted((r["row_id"], r["value"]) for r in table.collect())
