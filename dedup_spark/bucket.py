@@ -100,13 +100,16 @@ class BucketModel:
     rounds: int
     assign: str  # flat | hnsw (k-means) or lsh
     train_rows: int = 0
+    # k-means: the distance from a border within which a row also joins its 2nd..m-th
+    # nearest buckets (bucketing.margin x the distance of a pair at the threshold); None: always.
+    margin: float | None = None
     # Unique per training: Python workers cache the loaded model by (URI, model_id), so a new
     # model written to the same URI (a rerun into the same output) is never mistaken for the old.
     model_id: str = ""
 
     @property
     def width(self) -> int:
-        """Buckets per row over all rounds."""
+        """Bucket slots per row over all rounds (a row joins at most this many buckets)."""
         return self.rounds * self.m
 
     def to_dict(self) -> dict:
@@ -159,7 +162,9 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             index = kernels.build_quantizer(round_centroids, kind, m)
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
         storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
-        model = BucketModel("kmeans", k, m, rounds, kind, len(sample))
+        margin = None if config.bucketing.margin is None else (
+            config.bucketing.margin * math.sqrt(2.0 * (1.0 - config.search.threshold)))
+        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), margin)
     model = dataclasses.replace(model, model_id=uuid.uuid4().hex)
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model
@@ -202,6 +207,8 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
         import faiss
 
         quantizers = []
+        centroids = storage.read_npy(storage.join(model_uri, "centroids.npy")).reshape(
+            model.rounds, model.buckets_per_round, -1) if model.margin is not None else [None] * model.rounds
         for r in range(model.rounds):
             raw = storage.read_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"))
             index = faiss.deserialize_index(np.frombuffer(raw, dtype=np.uint8))
@@ -210,7 +217,7 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
             quantizers.append(index)
 
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
-            return kernels.assign_buckets(embeddings, quantizers[r], model.m)
+            return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], model.margin)
 
     def assign_rows(embeddings: np.ndarray) -> np.ndarray:
         ids = [per_round(embeddings, r) + r * model.buckets_per_round for r in range(model.rounds)]
@@ -222,7 +229,8 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
 
 def assigner(model_uri: str, dim: int, model_id: str = "") -> BatchTransform:
     """A batch transform from (row_id, embedding) rows to every row once per bucket it joins
-    (ASSIGNED_SCHEMA), carrying the list of all its buckets."""
+    (ASSIGNED_SCHEMA), carrying the list of all its bucket slots (a bucket the margin
+    dropped repeats one the row joined)."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         _, assign_rows = load_model(model_uri, model_id)
@@ -230,10 +238,12 @@ def assigner(model_uri: str, dim: int, model_id: str = "") -> BatchTransform:
             if batch.num_rows == 0:
                 continue
             buckets = assign_rows(binary_matrix(batch.column("embedding"), dim)).astype(np.int32)
-            width = buckets.shape[1]
-            repeat = np.repeat(np.arange(batch.num_rows), width)
+            # Sorted slots: a repeated id is adjacent to its first, and is not joined twice.
+            joins = np.ones(buckets.shape, dtype=bool)
+            joins[:, 1:] = buckets[:, 1:] != buckets[:, :-1]
+            repeat = np.repeat(np.arange(batch.num_rows), joins.sum(axis=1))
             yield pa.RecordBatch.from_arrays(
-                [pa.array(buckets.reshape(-1)), batch.column("row_id").take(repeat),
+                [pa.array(buckets[joins]), batch.column("row_id").take(repeat),
                  batch.column("embedding").take(repeat), packed_binary(buckets).take(pa.array(repeat))],
                 names=ASSIGNED_SCHEMA.names,
             )

@@ -64,6 +64,7 @@ class BucketingConfig:
     method: str = "kmeans"
     k: int | None = None
     m: int = 2
+    margin: float | None = 0.3
     rounds: int | None = None
     points_per_centroid: int = 64
     max_train_rows: int = 262144
@@ -278,6 +279,7 @@ def validate(config: JobConfig) -> None:
         (config.input.dim is None or config.input.dim >= 1, "input.dim must be >= 1"),
         (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),
         (config.bucketing.m >= 1, "bucketing.m must be >= 1"),
+        (config.bucketing.margin is None or config.bucketing.margin >= 0, "bucketing.margin must be >= 0 or null"),
         (config.bucketing.points_per_centroid >= 1, "bucketing.points_per_centroid must be >= 1"),
         (config.bucketing.max_train_rows >= 1, "bucketing.max_train_rows must be >= 1"),
         (config.bucketing.kmeans_iterations >= 1, "bucketing.kmeans_iterations must be >= 1"),

@@ -188,6 +188,7 @@ def render(report: dict) -> str:
         sections.append("<h2>Bucket sizes</h2>" + _rows(report, [
             ("buckets", "bucketing.bucket_sizes.count"), ("median rows", "bucketing.bucket_sizes.median"),
             ("largest", "bucketing.bucket_sizes.max"), ("K per round", "bucketing.k"), ("m", "bucketing.m"),
+            ("margin", "bucketing.margin"), ("buckets per row", "bucketing.buckets_per_row"),
             ("rounds", "bucketing.rounds")]) + bar_chart(labels, buckets["counts"], "buckets by rows (log2 bins)",
                                                          log_y=True))
     timings = report.get("timings_seconds") or {}

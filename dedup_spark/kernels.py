@@ -117,10 +117,16 @@ def build_quantizer(centroids: np.ndarray, kind: str, m: int = 1):
     return index
 
 
-def assign_buckets(embeddings: np.ndarray, quantizer, m: int) -> np.ndarray:
+def assign_buckets(embeddings: np.ndarray, quantizer, m: int, centroids: np.ndarray | None = None,
+                   margin: float | None = None) -> np.ndarray:
     """The ``m`` nearest centroids (largest inner product) of every row: n x m int64.
 
     ``quantizer``: a faiss index over the centroids, or the centroid matrix itself.
+    ``margin`` (with ``centroids``): the j-th nearest centroid (j >= 2) is kept only
+    when the row lies within ``margin`` (Euclidean) of the bisector between it and the
+    nearest; a dropped slot repeats the nearest id. A row at distance > margin from
+    every such bisector has all its neighbours within margin in its own cell, so
+    soft assignment is spent only where a duplicate pair can straddle a border.
     """
     if isinstance(quantizer, np.ndarray):
         quantizer = build_quantizer(quantizer, "flat")
@@ -128,8 +134,23 @@ def assign_buckets(embeddings: np.ndarray, quantizer, m: int) -> np.ndarray:
     m = min(m, k)
     if m == k:
         return np.broadcast_to(np.arange(k, dtype=np.int64), (embeddings.shape[0], k)).copy()
-    _, labels = quantizer.search(np.ascontiguousarray(embeddings, dtype=np.float32), m)
-    return labels.astype(np.int64)
+    scores, labels = quantizer.search(np.ascontiguousarray(embeddings, dtype=np.float32), m)
+    labels = labels.astype(np.int64)
+    if margin is None or centroids is None or m == 1:
+        return labels
+    centroids = np.asarray(centroids, dtype=np.float32)
+    square_norms = np.einsum("ij,ij->i", centroids, centroids)
+    nearest = centroids[labels[:, 0]]
+    for slot in range(1, m):
+        other = centroids[labels[:, slot]]
+        # For a unit row x: |x - c_j|^2 - |x - c_1|^2 = 2 (s_1 - s_j) + |c_j|^2 - |c_1|^2;
+        # its distance to the bisector is that over 2 |c_1 - c_j|.
+        gap = (2.0 * (scores[:, 0] - scores[:, slot]) + square_norms[labels[:, slot]]
+               - square_norms[labels[:, 0]])
+        separation = np.linalg.norm(nearest - other, axis=1)
+        far = gap > 2.0 * margin * separation
+        labels[far, slot] = labels[far, 0]
+    return labels
 
 
 def search_pairs(

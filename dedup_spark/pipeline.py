@@ -153,16 +153,18 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 "note": f"{model.method}, K={model.buckets_per_round} x {model.rounds} round(s), m={model.m}, "
                         f"{model.assign} assignment"}
 
-    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
+    # The threshold sets the margin's scale.
+    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"], "threshold": threshold}, train_stage)
     model = bucket.BucketModel(**train_result["model"])
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
         info = write_valid_rows(spark, rows_uri, bucket.assigner(model_uri, dim, model.model_id),
                                 bucket.ASSIGNED_SCHEMA, assigned_uri)
-        if info.rows != valid_count * model.width:
-            raise report.AccountingError(f"assign wrote {info.rows} rows, not {valid_count} valid rows x {model.width} "
-                                         "buckets each: rows would go unsearched")
+        # Every row joins at least its nearest bucket of each round, at most model.width buckets.
+        if not valid_count * model.rounds <= info.rows <= valid_count * model.width:
+            raise report.AccountingError(f"assign wrote {info.rows} rows, not between {valid_count} valid rows x "
+                                         f"{model.rounds} and x {model.width} buckets: rows would go unsearched")
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
         storage.write_npy(storage.join(work, "bucket_sizes.npy"), sizes)
@@ -308,6 +310,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "skipped_shards": manifest.skipped,
         "rejected_by_reason": read_result["reasons"],
         "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
+                      "margin": None if model.margin is None else config.bucketing.margin,
+                      "buckets_per_row": round(assign_result["rows"] / valid_count, 4) if valid_count else 0.0,
                       "train_rows": model.train_rows, "assign": model.assign,
                       "k_source": "config" if config.bucketing.k else "cost model",
                       "assigned_rows": assign_result["rows"],

@@ -141,6 +141,32 @@ def test_train_and_assign_cover_top_m(sample):
     assert np.mean([set(x) == set(y) for x, y in zip(buckets, best)]) > 0.999
 
 
+def test_margin_keeps_a_further_bucket_only_near_its_border(sample):
+    stored = normalize(sample.embeddings).astype(np.float32)
+    centroids = kernels.train_centroids(stored, 16, 10, 0)
+    margin = 0.3 * np.sqrt(2 * (1 - 0.95))
+    buckets = kernels.assign_buckets(stored, centroids, 3, centroids, margin)
+    # Oracle: float64 Euclidean distances to every centroid, and each row's distance to the
+    # bisector between its nearest centroid and its 2nd / 3rd nearest.
+    x, c = stored.astype(np.float64), centroids.astype(np.float64)
+    square = (x * x).sum(1)[:, None] - 2 * x @ c.T + (c * c).sum(1)[None, :]
+    order = np.argsort(square, axis=1)[:, :3]
+    rows = np.arange(len(x))[:, None]
+    bisector = (square[rows, order[:, 1:]] - square[rows, order[:, :1]]) / (
+        2 * np.linalg.norm(c[order[:, :1]] - c[order[:, 1:]], axis=2))
+    expected = [{int(o[0])} | {int(o[j + 1]) for j in range(2) if d[j] <= margin} for o, d in zip(order, bisector)]
+    got = [set(row.tolist()) for row in buckets]
+    # Ties and rows within float32 rounding of a border may differ.
+    assert np.mean([g == e for g, e in zip(got, expected)]) > 0.995
+    assert np.mean(buckets[:, 0] == order[:, 0]) > 0.995, "the nearest bucket is always joined"
+    sizes = [len(g) for g in got]
+    assert 1 < np.mean(sizes) < 3, "the margin keeps some further buckets and drops others"
+    assert np.array_equal(kernels.assign_buckets(stored, centroids, 3, centroids, np.inf),
+                          kernels.assign_buckets(stored, centroids, 3))
+    nearest_only = kernels.assign_buckets(stored, centroids, 3, centroids, 0.0)
+    assert (nearest_only == nearest_only[:, :1]).all()
+
+
 @pytest.mark.parametrize("threshold", [0.9, 0.95])
 def test_spanning_edges_close_exactly_like_all_pairs(sample, threshold):
     stored = normalize(sample.embeddings)
