@@ -100,8 +100,8 @@ class BucketModel:
     rounds: int
     assign: str  # flat | hnsw (k-means) or lsh
     train_rows: int = 0
-    # k-means: the distance from a border within which a row also joins its 2nd..m-th
-    # nearest buckets (bucketing.margin x the distance of a pair at the threshold); None: always.
+    # k-means: bucketing.margin, the fraction of the distance of a pair at the threshold from
+    # a border within which a row also joins its 2nd..m-th nearest buckets; None: always.
     margin: float | None = None
     # Unique per training: Python workers cache the loaded model by (URI, model_id), so a new
     # model written to the same URI (a rerun into the same output) is never mistaken for the old.
@@ -162,9 +162,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             index = kernels.build_quantizer(round_centroids, kind, m)
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
         storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
-        margin = None if config.bucketing.margin is None else (
-            config.bucketing.margin * math.sqrt(2.0 * (1.0 - config.search.threshold)))
-        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), margin)
+        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), config.bucketing.margin)
     model = dataclasses.replace(model, model_id=uuid.uuid4().hex)
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model
@@ -190,10 +188,12 @@ def quantizer_kind(k: int, config: JobConfig) -> str:
 _ASSIGNERS: dict[str, tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]] = {}
 
 
-def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]:
+def load_model(model_uri: str, model_id: str = "",
+               threshold: float = 1.0) -> tuple[BucketModel, Callable[[np.ndarray], np.ndarray]]:
     """The stored bucketing and a function from unit rows to their global bucket ids
-    (n x width, sorted), read once per Python worker and model_id."""
-    key = f"{model_uri}#{model_id}"
+    (n x width, sorted), read once per Python worker, model_id and threshold (which
+    scales the k-means margin: pairs at it are sqrt(2 (1 - threshold)) apart)."""
+    key = f"{model_uri}#{model_id}#{threshold}"
     if model_id and key in _ASSIGNERS:
         return _ASSIGNERS[key]
     model = BucketModel(**storage.read_json(storage.join(model_uri, MODEL_FILE)))
@@ -207,6 +207,7 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
         import faiss
 
         quantizers = []
+        margin = None if model.margin is None else model.margin * math.sqrt(2.0 * (1.0 - threshold))
         centroids = storage.read_npy(storage.join(model_uri, "centroids.npy")).reshape(
             model.rounds, model.buckets_per_round, -1) if model.margin is not None else [None] * model.rounds
         for r in range(model.rounds):
@@ -217,7 +218,7 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
             quantizers.append(index)
 
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
-            return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], model.margin)
+            return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], margin)
 
     def assign_rows(embeddings: np.ndarray) -> np.ndarray:
         ids = [per_round(embeddings, r) + r * model.buckets_per_round for r in range(model.rounds)]
@@ -227,13 +228,13 @@ def load_model(model_uri: str, model_id: str = "") -> tuple[BucketModel, Callabl
     return _ASSIGNERS[key]
 
 
-def assigner(model_uri: str, dim: int, model_id: str = "") -> BatchTransform:
+def assigner(model_uri: str, dim: int, model_id: str = "", threshold: float = 1.0) -> BatchTransform:
     """A batch transform from (row_id, embedding) rows to every row once per bucket it joins
     (ASSIGNED_SCHEMA), carrying the list of all its bucket slots (a bucket the margin
     dropped repeats one the row joined)."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        _, assign_rows = load_model(model_uri, model_id)
+        _, assign_rows = load_model(model_uri, model_id, threshold)
         for batch in batches:
             if batch.num_rows == 0:
                 continue

@@ -153,13 +153,12 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 "note": f"{model.method}, K={model.buckets_per_round} x {model.rounds} round(s), m={model.m}, "
                         f"{model.assign} assignment"}
 
-    # The threshold sets the margin's scale.
-    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"], "threshold": threshold}, train_stage)
+    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
     model = bucket.BucketModel(**train_result["model"])
     assigned_uri = storage.join(work, "assign")
 
     def assign_stage() -> dict[str, Any]:
-        info = write_valid_rows(spark, rows_uri, bucket.assigner(model_uri, dim, model.model_id),
+        info = write_valid_rows(spark, rows_uri, bucket.assigner(model_uri, dim, model.model_id, threshold),
                                 bucket.ASSIGNED_SCHEMA, assigned_uri)
         # Every row joins at least its nearest bucket of each round, at most model.width buckets.
         if not valid_count * model.rounds <= info.rows <= valid_count * model.width:
@@ -170,7 +169,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         storage.write_npy(storage.join(work, "bucket_sizes.npy"), sizes)
         return {"rows": info.rows, "buckets": len(sizes), "note": f"{len(sizes)} non-empty buckets"}
 
-    assign_result = stages.run("assign", {}, assign_stage)
+    # The threshold scales the k-means margin, so it changes which further buckets rows join.
+    assign_result = stages.run("assign", {"threshold": threshold if model.margin is not None else None}, assign_stage)
     bucket_sizes = {int(b): int(c) for b, c in storage.read_npy(storage.join(work, "bucket_sizes.npy"))}
     task_memory = bucket.task_memory_bytes(spark)
     cap = bucket.max_task_rows(task_memory, dim, config)
@@ -310,7 +310,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "skipped_shards": manifest.skipped,
         "rejected_by_reason": read_result["reasons"],
         "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
-                      "margin": None if model.margin is None else config.bucketing.margin,
+                      "margin": model.margin,
                       "buckets_per_row": round(assign_result["rows"] / valid_count, 4) if valid_count else 0.0,
                       "train_rows": model.train_rows, "assign": model.assign,
                       "k_source": "config" if config.bucketing.k else "cost model",

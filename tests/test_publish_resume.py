@@ -60,6 +60,12 @@ def test_changing_the_threshold_after_a_failed_search_reuses_only_earlier_stages
     with pytest.raises(InjectedFault):
         run_job(spark, root, out, run__fail_after_stage="group", bucketing__k=6)
     report = run_job(spark, root, out, bucketing__k=6, search__threshold=0.97)
+    # The k-means model is kept; assignment is redone, since the threshold scales bucketing.margin.
+    assert report["stages_reused"] == ["read", "train"]
+    without_margin = tmp_path / "without-margin"
+    with pytest.raises(InjectedFault):
+        run_job(spark, root, without_margin, run__fail_after_stage="group", bucketing__k=6, bucketing__margin=None)
+    report = run_job(spark, root, without_margin, bucketing__k=6, bucketing__margin=None, search__threshold=0.97)
     assert report["stages_reused"] == ["read", "train", "assign"]
 
 
