@@ -12,6 +12,7 @@ import pytest
 from helpers import check_html_numbers, make_sample, output_groups, output_pairs, run_job
 from oracle import brute_force_pairs, normalize
 
+from dedup_spark.config import BucketingConfig
 from dedup_spark.estimate import ratio_interval
 
 
@@ -109,8 +110,12 @@ def test_per_threshold_counts_equal_separate_runs(spark, calibrated, tmp_path):
     counts = [rows[t]["removed_rows"] for t in sorted(rows)]
     assert counts == sorted(counts, reverse=True) and counts[0] > counts[-1] > 0
     for threshold in (0.95, 0.99):
+        # The same buckets as the calibrated run: bucketing.margin is a fraction of the distance of a
+        # pair at the threshold, so it is scaled to keep the 0.93 run's absolute margin.
+        margin = BucketingConfig().margin * ((1 - 0.93) / (1 - threshold)) ** 0.5
         separate = run_job(spark, root, tmp_path / f"at-{threshold}", search__threshold=threshold,
-                           bucketing__k=20, bucketing__m=2, estimate__sample_rows=0, output__pairs="all")
+                           bucketing__k=20, bucketing__m=2, bucketing__margin=margin, estimate__sample_rows=0,
+                           output__pairs="all")
         assert rows[threshold]["pairs"] == separate["search"]["pairs_found"] == len(output_pairs(tmp_path / f"at-{threshold}"))
         assert rows[threshold]["groups"] == separate["groups"]["count"]
         assert rows[threshold]["removed_rows"] == separate["accounting"]["removed_rows"]
