@@ -123,12 +123,13 @@ def rounds_for(config: JobConfig) -> int:
     return 8 if config.bucketing.method == "lsh" else 1
 
 
-def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config: JobConfig, model_uri: str) -> BucketModel:
+def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config: JobConfig, model_uri: str,
+          stored: read.StoredSample | None = None) -> BucketModel:
     """Learn the bucketing on a bounded sample collected to the driver and store it under ``model_uri``.
 
     k-means: ``rounds`` spherical k-means runs (seeds seed, seed+1, ...) on one
     sample. LSH: ``rounds`` tables of log2(K) random hyperplanes through the
-    sample's mean.
+    sample's mean. The sample is read from ``stored`` (drawn by the read stage) when it holds it.
     """
     import faiss
 
@@ -140,7 +141,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
         if bits > 24 or rounds << bits >= 2**31:
             raise ConfigError(f"LSH with {bits} bits and {rounds} tables exceeds the bucket id range; set bucketing.k lower")
         if valid_rows:
-            sample = _training_sample(spark, rows_uri, valid_rows, dim, k, config)
+            sample = _training_sample(spark, rows_uri, valid_rows, dim, config, stored)
         center = sample.mean(axis=0) if len(sample) else np.zeros(dim, dtype=np.float32)
         planes = np.stack([np.random.default_rng(config.bucketing.seed + r).standard_normal((bits, dim))
                            for r in range(rounds)]).astype(np.float32)
@@ -152,7 +153,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             # Every row goes to every bucket anyway: no training needed.
             centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
         else:
-            sample = _training_sample(spark, rows_uri, valid_rows, dim, k, config)
+            sample = _training_sample(spark, rows_uri, valid_rows, dim, config, stored)
             centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations, config.bucketing.seed + r)
                          for r in range(rounds)]
         k = int(centroids[0].shape[0])
@@ -168,14 +169,23 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
     return model
 
 
-def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, k: int,
-                     config: JobConfig) -> np.ndarray:
-    target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
-    fraction = min(1.0, 1.3 * target / max(1, valid_rows))
-    # A Bernoulli sample of ~1.3x the target, trimmed here: a Spark limit() would cut
-    # the Python workers' pipes mid-stream.
-    sample = read.sample_valid_rows(spark, rows_uri, fraction, config.bucketing.seed)
-    return binary_matrix(sample.column("embedding"), dim)[:target].astype(np.float32)
+def training_target(valid_rows: int, config: JobConfig) -> int:
+    """Rows the centroids are trained on: points_per_centroid per bucket, at most max_train_rows."""
+    k = choose_k(max(1, valid_rows), config)
+    return int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
+
+
+# The Bernoulli sample draws this many times the target and is trimmed on the driver
+# (a Spark limit() would cut the Python workers' pipes mid-stream).
+TRAIN_OVERDRAW = 1.3
+
+
+def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int,
+                     config: JobConfig, stored: read.StoredSample | None) -> np.ndarray:
+    target = training_target(valid_rows, config)
+    fraction = min(1.0, TRAIN_OVERDRAW * target / max(1, valid_rows))
+    sample = read.sample_valid_rows(spark, rows_uri, fraction, config.bucketing.seed, target, stored)
+    return binary_matrix(sample.column("embedding"), dim).astype(np.float32)
 
 
 def quantizer_kind(k: int, config: JobConfig) -> str:

@@ -40,13 +40,19 @@ def ratio_interval(closed: np.ndarray, true: np.ndarray) -> tuple[float, float, 
     return float(ratio), float(max(0.0, ratio - half)), float(min(1.0, ratio + half))
 
 
+def probe_fraction(sample_rows: int, valid_rows: int) -> float:
+    """The Bernoulli fraction drawing the sampled rows (1.5x, trimmed after)."""
+    return min(1.0, 1.5 * sample_rows / max(1, valid_rows))
+
+
 def sample_true_pairs(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: int, dim: int,
-                      threshold: float, seed: int) -> tuple[DataFrame, int]:
-    """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row."""
-    fraction = min(1.0, 1.5 * sample_rows / max(1, valid_count))
-    picked = read.sample_valid_rows(spark, rows_uri, fraction, seed + 1)
-    ids = picked.column("row_id").to_numpy()[:sample_rows]
-    sample = binary_matrix(picked.column("embedding"), dim)[:sample_rows].copy()
+                      threshold: float, seed: int, stored: read.StoredSample | None = None) -> tuple[DataFrame, int]:
+    """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row. The sample
+    is drawn with seed + 1, from ``stored`` when it holds the draw."""
+    picked = read.sample_valid_rows(spark, rows_uri, probe_fraction(sample_rows, valid_count), seed + 1,
+                                    sample_rows, stored)
+    ids = picked.column("row_id").to_numpy()
+    sample = binary_matrix(picked.column("embedding"), dim).copy()
 
     pairs = read.valid_rows(spark, rows_uri, search.probe_scanner(ids, sample, dim, threshold),
                             search.PROBE_PAIRS_SCHEMA)

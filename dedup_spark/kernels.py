@@ -59,17 +59,21 @@ def normalize_rows(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 _NORMALIZE_ROWS = 4096
 
 
-def sample_mask(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A seeded Bernoulli sample: True for each row id whose hash falls below ``fraction``.
-
-    splitmix64 of (row_id, seed): the same rows in every run, whatever the partitioning.
-    """
+def sample_hash(row_ids: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform value in [0, 1) per row id: splitmix64 of (row_id, seed), the same in every
+    run whatever the partitioning."""
     with np.errstate(over="ignore"):
         z = np.asarray(row_ids).astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
         z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         z = z ^ (z >> np.uint64(31))
-    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53 < fraction
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def sample_mask(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A seeded Bernoulli sample: True for each row id whose ``sample_hash`` falls below ``fraction``.
+    Nested: the sample at a smaller fraction is a subset of the one at a larger."""
+    return sample_hash(row_ids, seed) < fraction
 
 
 def similarity_margin(dim: int) -> float:

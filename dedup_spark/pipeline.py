@@ -30,7 +30,7 @@ import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import bucket, captions, estimate, group, html, kernels, report, search, storage, tables, write
+from dedup_spark import bucket, captions, estimate, group, html, kernels, read, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, valid_rows, write_rows, write_valid_rows
 
@@ -38,7 +38,7 @@ log = logging.getLogger("dedup_spark")
 
 SUCCESS = "_SUCCESS"
 # Bump when a stage's output format or meaning changes, so old work is not reused.
-STAGE_FORMAT = 2
+STAGE_FORMAT = 3
 
 
 class OutputError(ValueError):
@@ -112,7 +112,15 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     rows_uri = storage.join(work, "read")
 
     def read_stage() -> dict[str, Any]:
-        info = write_rows(spark, manifest, config, rows_uri)  # tasks may fail: see run.fault_task_fraction
+        # The training sample and the recall probes are drawn while the rows are written, at
+        # fractions enough for any accepted count the job goes on with (>= 1 - max_rejected_fraction
+        # of the rows), so neither needs a scan of its own.
+        least_valid = max(1, math.floor((1.0 - config.input.max_rejected_fraction) * manifest.rows))
+        draws = ((min(1.0, bucket.TRAIN_OVERDRAW * bucket.training_target(manifest.rows, config) / least_valid),
+                  config.bucketing.seed),
+                 (estimate.probe_fraction(config.estimate.sample_rows, least_valid), config.bucketing.seed + 1))
+        sample = read.StoredSample(storage.join(work, "sample"), draws)
+        info = write_rows(spark, manifest, config, rows_uri, sample)  # tasks may fail: see run.fault_task_fraction
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
@@ -131,6 +139,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 raise ConfigError(f"id column {config.input.id_column!r} is not unique, e.g. {[r['row_id'] for r in clash]}")
         rejected = sum(reasons.values())
         return {"rows": info.rows, "valid_rows": info.rows - rejected, "rejected_rows": rejected, "reasons": reasons,
+                "sample": sample.to_dict(),
                 "note": f"{len(manifest.shards)} shards, {manifest.format}, d={dim}, {rejected} rejected"}
 
     read_result = stages.run("read", {"manifest": manifest.to_dict(), "input": config.to_dict()["input"]}, read_stage)
@@ -142,10 +151,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     rows = tables.read_table(spark, rows_uri)
     valid = valid_rows(spark, rows_uri)
     valid_count = read_result["valid_rows"]
+    stored_sample = read.StoredSample.from_dict(read_result["sample"])
     model_uri = storage.join(staged, "model")
 
     def train_stage() -> dict[str, Any]:
-        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri)
+        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri, stored_sample)
         storage.write_bytes(storage.join(model_uri, "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         storage.write_json(storage.join(model_uri, "manifest.json"), manifest.to_dict())
@@ -270,7 +280,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             return {"rows": 0, "skipped": True}
         started_at = time.perf_counter()
         sample_pairs, sampled = estimate.sample_true_pairs(spark, rows_uri, config.estimate.sample_rows, valid_count, dim,
-                                                           threshold, config.bucketing.seed)
+                                                           threshold, config.bucketing.seed, stored_sample)
         pairs = tables.read_table(spark, storage.join(staged, "pairs")) if all_pairs else None
         result = estimate.estimate_recall(sample_pairs, sampled, tables.read_table(spark, duplicates_uri), pairs)
         result["seconds"] = round(time.perf_counter() - started_at, 3)

@@ -400,10 +400,49 @@ def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> Dat
     return tasks.mapInArrow(decode, ROWS_SCHEMA)
 
 
-def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: str) -> tables.TableInfo:
-    """The rows table (ROWS_SCHEMA), decoded and written by the same Python task, one per chunk."""
+@dataclass(frozen=True)
+class StoredSample:
+    """Accepted rows the read stage drew while writing the rows table (VALID_SCHEMA, a small
+    table at ``uri``): every row whose ``kernels.sample_hash`` for seed s is below f, for each
+    (f, s) of ``draws``. Samples are nested in f, so any draw at a fraction <= f with seed s is
+    read from it instead of scanning the rows table again."""
+
+    uri: str
+    draws: tuple[tuple[float, int], ...]
+
+    def covers(self, fraction: float, seed: int) -> bool:
+        return any(seed == drawn_seed and fraction <= drawn for drawn, drawn_seed in self.draws)
+
+    def to_dict(self) -> dict:
+        return {"uri": self.uri, "draws": [list(draw) for draw in self.draws]}
+
+    @classmethod
+    def from_dict(cls, payload: dict) -> StoredSample:
+        return cls(payload["uri"], tuple((float(f), int(s)) for f, s in payload["draws"]))
+
+
+def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: str,
+               sample: StoredSample | None = None) -> tables.TableInfo:
+    """The rows table (ROWS_SCHEMA), decoded and written by the same Python task, one per chunk;
+    with ``sample``, the same tasks also write its draws of the accepted rows."""
     tasks, decode = _decoding(spark, manifest, config)
-    return tables.write_produced_table(tasks, decode, ROWS_SCHEMA, uri)
+    if sample is None:
+        return tables.write_produced_table(tasks, decode, ROWS_SCHEMA, uri)
+
+    def decode_and_draw(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch]]:
+        for batch in decode(batches):
+            yield "rows", batch
+            for accepted in _valid_batches([batch]):
+                row_ids = accepted.column("row_id").to_numpy()
+                drawn = np.zeros(len(row_ids), dtype=bool)
+                for fraction, seed in sample.draws:
+                    drawn |= kernels.sample_mask(row_ids, fraction, seed)
+                if drawn.any():
+                    yield "sample", accepted.filter(pa.array(drawn))
+
+    written = tables.write_produced_tables(tasks, decode_and_draw, {"rows": (ROWS_SCHEMA, uri),
+                                                                    "sample": (VALID_SCHEMA, sample.uri)})
+    return written["rows"]
 
 
 def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tuple[DataFrame, tables.BatchTransform]:
@@ -454,19 +493,27 @@ def write_valid_rows(spark: SparkSession, rows_uri: str, transform: tables.Batch
                                      schema, uri)
 
 
-def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int) -> pa.Table:
-    """A seeded Bernoulli sample of the accepted rows (row_id, embedding), collected to the driver.
+def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int, limit: int | None = None,
+                      stored: StoredSample | None = None) -> pa.Table:
+    """A seeded Bernoulli sample of the accepted rows (row_id, embedding), collected to the driver:
+    the ``limit`` rows of smallest ``sample_hash``, a uniform subset, in that order.
 
-    Decided per row by a hash of (row_id, seed), in the reading task: independent of
-    partitioning, and only the sampled rows leave Python.
+    Read from ``stored`` when it holds this draw; otherwise decided per row in the tasks reading
+    the rows table, so only the sampled rows leave Python. Either way the same rows.
     """
-    def sampled(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        for batch in batches:
-            keep = kernels.sample_mask(batch.column("row_id").to_numpy(), fraction, seed)
-            if keep.any():
-                yield batch.filter(pa.array(keep))
+    if stored is not None and stored.covers(fraction, seed):
+        table = tables.read_table_on_driver(stored.uri)
+        table = table.filter(pa.array(kernels.sample_mask(table.column("row_id").to_numpy(), fraction, seed)))
+    else:
+        def sampled(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for batch in batches:
+                keep = kernels.sample_mask(batch.column("row_id").to_numpy(), fraction, seed)
+                if keep.any():
+                    yield batch.filter(pa.array(keep))
 
-    return valid_rows(spark, rows_uri, sampled).toArrow()
+        table = valid_rows(spark, rows_uri, sampled).toArrow()
+    order = np.argsort(kernels.sample_hash(table.column("row_id").to_numpy(), seed), kind="stable")
+    return table.take(pa.array(order[:limit]))
 
 
 def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:

@@ -12,6 +12,7 @@ Tables are read by Python tasks, one part each or several small ones
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import uuid
@@ -30,8 +31,8 @@ from dedup_spark import storage
 log = logging.getLogger(__name__)
 
 TABLE_MANIFEST = "_table.json"
-_PART_SCHEMA = T.StructType([T.StructField("path", T.StringType()), T.StructField("rows", T.LongType()),
-                            T.StructField("bytes", T.LongType())])
+_PART_SCHEMA = T.StructType([T.StructField("table", T.StringType()), T.StructField("path", T.StringType()),
+                            T.StructField("rows", T.LongType()), T.StructField("bytes", T.LongType())])
 # Bytes (Arrow, in memory) one reading task aims at: small parts are read several to a task,
 # since every Python task costs ~30 ms of scheduling and worker hand-off whatever its size
 # (the search's 100 parts of 7k edges took 4.5 s to scan one per task, 0.3 s four per task).
@@ -53,7 +54,8 @@ class TableInfo:
 def write_table(df: DataFrame, uri: str) -> TableInfo:
     """Write a DataFrame as parquet parts from its tasks; return what was committed."""
     storage.delete_tree(uri)
-    written = df.mapInArrow(_part_writer(uri, _arrow_schema(df.schema)), _PART_SCHEMA).collect()
+    writer = _part_writer({"": (uri, _arrow_schema(df.schema))})
+    written = df.mapInArrow(lambda batches: writer(("", batch) for batch in batches), _PART_SCHEMA).collect()
     return _commit(uri, written, df.schema)
 
 
@@ -75,30 +77,57 @@ def write_produced_table(tasks: DataFrame, produce: BatchTransform,
     """A table of what ``produce`` makes from each partition of ``tasks`` (a small DataFrame saying
     what to do), written by the same Python task: ``write_table(tasks.mapInArrow(produce))``
     would pass every produced row through the JVM on its way to the writer."""
-    storage.delete_tree(uri)
-    writer = _part_writer(uri, _arrow_schema(schema))
+    return write_produced_tables(tasks, lambda batches: (("", batch) for batch in produce(batches)),
+                                 {"": (schema, uri)})[""]
+
+
+def write_produced_tables(tasks: DataFrame,
+                          produce: Callable[[Iterator[pa.RecordBatch]], Iterator[tuple[str, pa.RecordBatch]]],
+                          outputs: dict[str, tuple[T.StructType, str]]) -> dict[str, TableInfo]:
+    """``write_produced_table`` for several tables at once: ``produce`` yields (output name, batch),
+    and each task writes one part of every output, so one pass over the input can also write
+    small side tables (the read stage's samples)."""
+    for _, uri in outputs.values():
+        storage.delete_tree(uri)
+    writer = _part_writer({name: (uri, _arrow_schema(schema)) for name, (schema, uri) in outputs.items()})
     written = tasks.mapInArrow(lambda batches: writer(produce(batches)), _PART_SCHEMA).collect()
-    return _commit(uri, written, schema)
+    return {name: _commit(uri, [row for row in written if row["table"] == name], schema)
+            for name, (schema, uri) in outputs.items()}
 
 
-def _part_writer(uri: str, arrow_schema: pa.Schema) -> BatchTransform:
-    """A mapInArrow function writing its partition as one part; it yields (path, rows)."""
+def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterator[tuple[str, pa.RecordBatch]]],
+                                                                         Iterator[pa.RecordBatch]]:
+    """A mapInArrow function writing its partition's (output name, batch) pairs as one part per
+    output (under that output's uri); it yields (table, path, rows, bytes) per output."""
     run_tag = uuid.uuid4().hex[:8]
 
-    def write_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    def write_partition(tagged: Iterator[tuple[str, pa.RecordBatch]]) -> Iterator[pa.RecordBatch]:
         from pyspark import TaskContext
 
         context = TaskContext.get()
         name = f"part-{context.partitionId():05d}-{run_tag}-{context.attemptNumber()}.parquet"
-        part_uri = storage.join(uri, name)
-        rows = size = 0
-        with storage.open_output(part_uri) as stream, pq.ParquetWriter(stream, arrow_schema) as writer:
-            for batch in batches:
-                if batch.num_rows:
-                    writer.write_batch(batch.cast(arrow_schema) if batch.schema != arrow_schema else batch)
-                    rows += batch.num_rows
-                    size += batch.nbytes
-        yield pa.RecordBatch.from_pydict({"path": [name], "rows": [rows], "bytes": [size]})
+        with contextlib.ExitStack() as stack:
+            writers = {}
+            counts = {table: [0, 0] for table in outputs}
+            for table, batch in tagged:
+                if not batch.num_rows:
+                    continue
+                uri, arrow_schema = outputs[table]
+                if table not in writers:
+                    stream = stack.enter_context(storage.open_output(storage.join(uri, name)))
+                    writers[table] = stack.enter_context(pq.ParquetWriter(stream, arrow_schema))
+                writers[table].write_batch(batch.cast(arrow_schema) if batch.schema != arrow_schema else batch)
+                counts[table][0] += batch.num_rows
+                counts[table][1] += batch.nbytes
+            for table, (uri, arrow_schema) in outputs.items():
+                if table not in writers:
+                    # Every task commits a part of every output, empty or not, like a single table.
+                    stream = stack.enter_context(storage.open_output(storage.join(uri, name)))
+                    stack.enter_context(pq.ParquetWriter(stream, arrow_schema))
+        tables = list(outputs)
+        yield pa.RecordBatch.from_pydict({"table": tables, "path": [name] * len(tables),
+                                          "rows": [counts[t][0] for t in tables],
+                                          "bytes": [counts[t][1] for t in tables]})
 
     return write_partition
 
@@ -188,6 +217,14 @@ def read_tasks(parts: list[str], part_bytes: list[int] | None, parallelism: int,
             grouped.append([])
         grouped[-1].append(part)
     return grouped
+
+
+def read_table_on_driver(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A committed table read whole by the driver: only for tables small by construction (samples)."""
+    info = table_info(uri)
+    reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
+    batches = list(reader(iter([pa.RecordBatch.from_pydict({"paths": [info.parts]})])))
+    return pa.Table.from_batches(batches, _arrow_schema(_project(info.schema, columns)))
 
 
 def _part_reader(uri: str, columns: list[str] | None,

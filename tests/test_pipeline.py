@@ -99,6 +99,34 @@ def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_p
     assert all(sizes[row] == size_of[groups[row]] for row in groups)
 
 
+def test_samples_drawn_while_reading_equal_a_scan_of_the_rows(spark, tmp_path):
+    from dedup_spark import config as config_module
+    from dedup_spark import kernels, read, tables
+    from dedup_spark.read import build_manifest
+
+    sample, root = make_sample(tmp_path, rows=6000, dim=16, seed=21)
+    config = config_module.load(None, {"input.uri": str(root), "output.uri": str(tmp_path / "o")})
+    manifest = build_manifest(config)
+    stored = read.StoredSample(str(tmp_path / "sample"), ((0.2, 5), (0.05, 6)))
+    rows_uri = str(tmp_path / "rows")
+    info = read.write_rows(spark, manifest, config, rows_uri, stored)
+    # Both tables are committed from the same tasks: every row once, and exactly the drawn rows.
+    assert info.rows == 6000 and tables.table_info(rows_uri).rows == 6000
+    drawn = tables.read_table_on_driver(stored.uri)
+    ids = np.arange(6000)
+    expected = ids[kernels.sample_mask(ids, 0.2, 5) | kernels.sample_mask(ids, 0.05, 6)]
+    assert sorted(drawn.column("row_id").to_pylist()) == expected.tolist()
+    for fraction, seed, limit in ((0.2, 5, None), (0.1, 5, 300), (0.05, 6, 100), (0.3, 5, None), (0.05, 7, None)):
+        from_store = read.sample_valid_rows(spark, rows_uri, fraction, seed, limit, stored)
+        scanned = read.sample_valid_rows(spark, rows_uri, fraction, seed, limit)
+        assert from_store.column("row_id").to_pylist() == scanned.column("row_id").to_pylist()
+        assert from_store.column("embedding").to_pylist() == scanned.column("embedding").to_pylist()
+        picked = ids[kernels.sample_mask(ids, fraction, seed)]
+        assert sorted(scanned.column("row_id").to_pylist()) == sorted(picked[np.argsort(
+            kernels.sample_hash(picked, seed), kind="stable")][:limit].tolist())
+    assert stored.covers(0.1, 5) and not stored.covers(0.3, 5) and not stored.covers(0.05, 7)
+
+
 def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_path):
     from dedup_spark import tables
 
