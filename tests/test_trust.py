@@ -25,13 +25,15 @@ def lossy(tmp_path_factory):
 def test_interval_contains_the_true_recall_when_recall_is_clearly_below_one(spark, lossy, tmp_path):
     sample, root, oracle = lossy
     out = tmp_path / "out"
-    report = run_job(spark, root, out, bucketing__k=400, bucketing__m=1, estimate__sample_rows=1500)
+    report = run_job(spark, root, out, bucketing__k=400, bucketing__m=1, estimate__sample_rows=2000)
     groups = output_groups(out)
     true_recall = sum(1 for a, b in oracle if a in groups and groups.get(a) == groups.get(b)) / len(oracle)
     estimate = report["recall_estimate"]
     assert true_recall < 0.97, f"settings should lose pairs, true closure recall {true_recall}"
     low, high = estimate["closure_recall_ci95"]
     assert low <= true_recall <= high, (true_recall, estimate)
+    # Pairs come in clusters (a sampled row of a large group brings many): 2,000 of 12,000 rows give
+    # a ~0.09-wide interval at this recall; 1,500 gave 0.10.
     assert high - low < 0.1 and estimate["true_pairs_seen"] > 100
     assert 0 < estimate["fraction_of_run"] < 1
 
