@@ -175,15 +175,17 @@ def training_target(valid_rows: int, config: JobConfig) -> int:
     return int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
 
 
-# The Bernoulli sample draws this many times the target and is trimmed on the driver
-# (a Spark limit() would cut the Python workers' pipes mid-stream).
-TRAIN_OVERDRAW = 1.3
+def training_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = None) -> float:
+    """The Bernoulli fraction of ``drawn_from`` rows (default ``valid_rows``) that draws 1.3x the
+    training target for ``valid_rows``; the draw is trimmed on the driver (a Spark limit() would cut
+    the Python workers' pipes mid-stream)."""
+    return min(1.0, 1.3 * training_target(valid_rows, config) / max(1, valid_rows if drawn_from is None else drawn_from))
 
 
 def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int,
                      config: JobConfig, stored: read.StoredSample | None) -> np.ndarray:
     target = training_target(valid_rows, config)
-    fraction = min(1.0, TRAIN_OVERDRAW * target / max(1, valid_rows))
+    fraction = training_fraction(valid_rows, config)
     sample = read.sample_valid_rows(spark, rows_uri, fraction, config.bucketing.seed, target, stored)
     return binary_matrix(sample.column("embedding"), dim).astype(np.float32)
 

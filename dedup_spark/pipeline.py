@@ -116,8 +116,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         # fractions enough for any accepted count the job goes on with (>= 1 - max_rejected_fraction
         # of the rows), so neither needs a scan of its own.
         least_valid = max(1, math.floor((1.0 - config.input.max_rejected_fraction) * manifest.rows))
-        draws = ((min(1.0, bucket.TRAIN_OVERDRAW * bucket.training_target(manifest.rows, config) / least_valid),
-                  config.bucketing.seed),
+        draws = ((bucket.training_fraction(manifest.rows, config, least_valid), config.bucketing.seed),
                  (estimate.probe_fraction(config.estimate.sample_rows, least_valid), config.bucketing.seed + 1))
         sample = read.StoredSample(storage.join(work, "sample"), draws)
         info = write_rows(spark, manifest, config, rows_uri, sample)  # tasks may fail: see run.fault_task_fraction

@@ -422,12 +422,10 @@ class StoredSample:
 
 
 def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: str,
-               sample: StoredSample | None = None) -> tables.TableInfo:
+               sample: StoredSample) -> tables.TableInfo:
     """The rows table (ROWS_SCHEMA), decoded and written by the same Python task, one per chunk;
-    with ``sample``, the same tasks also write its draws of the accepted rows."""
+    the same tasks also write ``sample``'s draws of the accepted rows."""
     tasks, decode = _decoding(spark, manifest, config)
-    if sample is None:
-        return tables.write_produced_table(tasks, decode, ROWS_SCHEMA, uri)
 
     def decode_and_draw(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch]]:
         for batch in decode(batches):

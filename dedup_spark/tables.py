@@ -106,24 +106,18 @@ def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterato
 
         context = TaskContext.get()
         name = f"part-{context.partitionId():05d}-{run_tag}-{context.attemptNumber()}.parquet"
+        counts = {table: [0, 0] for table in outputs}
+        # Every task commits one part of every output, empty or not.
         with contextlib.ExitStack() as stack:
-            writers = {}
-            counts = {table: [0, 0] for table in outputs}
+            writers = {table: stack.enter_context(pq.ParquetWriter(
+                stack.enter_context(storage.open_output(storage.join(uri, name))), arrow_schema))
+                for table, (uri, arrow_schema) in outputs.items()}
             for table, batch in tagged:
-                if not batch.num_rows:
-                    continue
-                uri, arrow_schema = outputs[table]
-                if table not in writers:
-                    stream = stack.enter_context(storage.open_output(storage.join(uri, name)))
-                    writers[table] = stack.enter_context(pq.ParquetWriter(stream, arrow_schema))
-                writers[table].write_batch(batch.cast(arrow_schema) if batch.schema != arrow_schema else batch)
-                counts[table][0] += batch.num_rows
-                counts[table][1] += batch.nbytes
-            for table, (uri, arrow_schema) in outputs.items():
-                if table not in writers:
-                    # Every task commits a part of every output, empty or not, like a single table.
-                    stream = stack.enter_context(storage.open_output(storage.join(uri, name)))
-                    stack.enter_context(pq.ParquetWriter(stream, arrow_schema))
+                if batch.num_rows:
+                    arrow_schema = outputs[table][1]
+                    writers[table].write_batch(batch.cast(arrow_schema) if batch.schema != arrow_schema else batch)
+                    counts[table][0] += batch.num_rows
+                    counts[table][1] += batch.nbytes
         tables = list(outputs)
         yield pa.RecordBatch.from_pydict({"table": tables, "path": [name] * len(tables),
                                           "rows": [counts[t][0] for t in tables],
