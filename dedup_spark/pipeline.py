@@ -219,7 +219,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         if caption_name is not None:
             source = metadata if metadata is not None else read_metadata(spark, manifest, config, [caption_name])
             caption_rows = source.select("row_id", F.col(caption_name).alias("caption"))
-        duplicates = group.duplicates_table(members, kept, valid, dim, caption_rows, config.captions)
+        duplicates = group.duplicates_table(members, kept, valid, dim, caption_rows, config.captions,
+                                            cc_stats["members"])
         merged_rows = None
         if caption_name is None or config.captions.policy == "ignore":
             info = tables.write_table(duplicates, duplicates_uri)

@@ -5,10 +5,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_sample, output_groups, output_pairs, read_table, run_job, stored_embeddings
-from oracle import brute_force_pairs, groups_of
+from helpers import make_sample, output_groups, output_pairs, random_caption, read_table, run_job, stored_embeddings
+from oracle import brute_force_pairs, exact_jaccard, groups_of
+from pyspark.sql import functions as F
+
+from dedup_spark import config as config_module
+from dedup_spark.group import choose_kept, duplicates_table
+from dedup_spark.tables import packed_binary
 
 THRESHOLD = 0.95
 
@@ -151,3 +158,55 @@ def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_pa
     capped = tables.read_table(spark, str(tmp_path / "small"), max_task_rows=500)
     sizes = capped.rdd.glom().map(len).collect()
     assert sum(sizes) == 4000 and len(sizes) == 8 and max(sizes) <= 500 + 100
+
+
+@pytest.mark.parametrize("member_count", [None, "exact"])
+def test_duplicates_table_with_and_without_broadcast_members(spark, member_count):
+    """Both ways of meeting the embeddings (the members broadcast into the rows' scan when their
+    count is known and small, else a shuffle join) give every member its group size, keep flag,
+    similarity to the kept row (numpy) and caption similarity (exact Jaccard, within MinHash error)."""
+    rng = np.random.default_rng(11)
+    dim, rows = 16, 3_000
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    stored = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    # Groups of 2..40 members over a third of the rows; group_id is the smallest member.
+    member_rows = rng.permutation(rows)[:1_000]
+    cuts = np.sort(rng.choice(np.arange(2, len(member_rows) - 1), 40, replace=False))
+    groups = [np.sort(part) for part in np.split(member_rows, cuts) if len(part) >= 2]
+    group_of = {int(row): int(part[0]) for part in groups for row in part}
+    captions = [None if row % 7 == 0 else random_caption(rng) for row in range(rows)]
+    for part in groups:  # near-copies of the kept row's caption, so similarities span 0..1
+        for row in part[1::2]:
+            if captions[part[0]] is not None and row % 7:
+                captions[row] = captions[part[0]] + " " + random_caption(rng, 1)
+    members = spark.createDataFrame(pd.DataFrame({"row_id": list(group_of), "group_id": list(group_of.values())}))
+    table = pa.table({"row_id": np.arange(rows, dtype=np.int64), "embedding": packed_binary(stored)})
+    rows_df = spark.createDataFrame(table.to_pandas()).select("row_id", F.col("embedding").cast("binary"))
+    captions_df = spark.createDataFrame(pd.DataFrame({"row_id": np.arange(rows), "caption": captions}))
+    config = config_module.JobConfig()
+    kept = choose_kept(members, None, config)
+    # Spark would broadcast these small test tables by itself; the member count alone decides here.
+    spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    try:
+        duplicates = duplicates_table(members, kept, rows_df, dim, captions_df, config.captions,
+                                      None if member_count is None else len(group_of))
+        plan = duplicates._jdf.queryExecution().executedPlan().toString()
+        assert ("BroadcastHashJoin" in plan) == (member_count is not None), plan
+        result = duplicates.toPandas().sort_values("row_id")
+    finally:
+        spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
+    assert result["row_id"].tolist() == sorted(group_of)
+    ids, group_ids = result["row_id"].to_numpy(), result["group_id"].to_numpy()
+    assert group_ids.tolist() == [group_of[row] for row in ids]
+    sizes = {int(part[0]): len(part) for part in groups}
+    assert result["group_size"].tolist() == [sizes[g] for g in group_ids]
+    assert result["is_kept"].tolist() == (ids == group_ids).tolist()
+    expected = np.einsum("ij,ij->i", stored[ids].astype(np.float64), stored[group_ids].astype(np.float64))
+    expected[ids == group_ids] = 1.0
+    assert np.abs(result["similarity_to_kept"].to_numpy() - expected).max() < 1e-3
+    for row, kept_row, estimate in zip(ids, group_ids, result["caption_similarity"]):
+        exact = exact_jaccard(captions[row], captions[kept_row])
+        if exact is None:
+            assert pd.isna(estimate), (row, kept_row)
+        else:
+            assert abs(estimate - exact) < 0.18, (row, exact, estimate)
