@@ -194,16 +194,20 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs, partitions,
                               task_memory // 2, model.width, config.run.fault_task_fraction)
         info = tables.write_table(edges, edges_uri)
-        pair_counts, histogram = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))
+        pair_counts, histogram, forest_edges = search.search_stats(tables.read_table(spark, edges_uri),
+                                                                   len(thresholds))
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
                 "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows,
-                "pair_counts": pair_counts, "histogram": histogram,
+                "pair_counts": pair_counts, "histogram": histogram, "forest_edges": forest_edges,
                 "note": f"{pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, cap {cap}"}
 
     search_settings = {"thresholds": thresholds, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
+    # Connected components size their tasks by the spanning edges alone (under output.pairs: all the
+    # edges table also holds every pair); a search recorded without them counts every edge row.
+    forest_edges = search_result.get("forest_edges") or [search_result["rows"]] * len(thresholds)
     merged_uri = storage.join(work, "merged_captions")
 
     def group_stage() -> dict[str, Any]:
@@ -211,7 +215,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         edges = tables.read_table(spark, edges_uri, max_task_rows=config.group.local_edges)
         step = report.StepLog("group")
         members, cc_stats = group.connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config,
-                                                       search_result["rows"])
+                                                       forest_edges[0])
         step.done("connected components")
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
@@ -255,7 +259,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                         "removed_rows": info.rows - groups}]
         for level, extra in enumerate(thresholds[1:], start=1):
             extra_members, _ = group.connected_components(
-                search.forest(edges, level).select("row_id_a", "row_id_b"), config, search_result["rows"])
+                search.forest(edges, level).select("row_id_a", "row_id_b"), config, forest_edges[level])
             counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})

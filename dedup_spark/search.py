@@ -102,15 +102,21 @@ def found_pairs(edges: DataFrame) -> DataFrame:
     return edges.where(F.col("level") == PAIR).select("row_id_a", "row_id_b", "similarity")
 
 
-def search_stats(edges: DataFrame, levels: int) -> tuple[list[int], list[int]]:
-    """Owned pairs per threshold and the similarity histogram, summed over tasks (small: collected)."""
-    totals = (edges.where(F.col("level") <= PAIR_COUNT).groupBy("level", "row_id_a")
-              .agg(F.sum("row_id_b").alias("count")).collect())
-    pair_counts, histogram = [0] * levels, [0] * HISTOGRAM_BINS
+def search_stats(edges: DataFrame, levels: int) -> tuple[list[int], list[int], list[int]]:
+    """Owned pairs per threshold, the similarity histogram (both summed over tasks) and the spanning
+    edges per threshold, in one scan (small: collected)."""
+    counts_row = F.col("level") <= PAIR_COUNT
+    totals = (edges.where(counts_row | (F.col("level") >= 0))
+              .groupBy("level", F.when(counts_row, F.col("row_id_a")).alias("index"))
+              .agg(F.sum(F.when(counts_row, F.col("row_id_b")).otherwise(1)).alias("count")).collect())
+    pair_counts, histogram, forest_edges = [0] * levels, [0] * HISTOGRAM_BINS, [0] * levels
     for row in totals:
-        target = pair_counts if row["level"] == PAIR_COUNT else histogram
-        target[int(row["row_id_a"])] = int(row["count"])
-    return pair_counts, histogram
+        if row["level"] >= 0:
+            forest_edges[row["level"]] = int(row["count"])
+        else:
+            target = pair_counts if row["level"] == PAIR_COUNT else histogram
+            target[int(row["index"])] = int(row["count"])
+    return pair_counts, histogram, forest_edges
 
 
 PROBE_PAIRS_SCHEMA = T.StructType([

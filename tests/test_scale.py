@@ -20,6 +20,7 @@ from helpers import output_groups, output_pairs, random_caption, run_job
 from oracle import brute_force_pairs, exact_jaccard, groups_of, normalize
 
 from dedup_spark import config as config_module
+from dedup_spark import search
 from dedup_spark.group import connected_components
 from dedup_spark.sample import SampleSpec, generate
 
@@ -124,6 +125,23 @@ def test_one_100k_copy_group_keeps_edges_linear(spark, tmp_path):
     assert report["search"]["edges_emitted"] < blocks * len(rows), report["search"]
     assert report["search"]["pairs_written"] <= report["search"]["edges_emitted"]
     assert report["accounting"]["kept_rows"] == len(rows) - (len(expected) - len(set(expected.values())))
+
+
+def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
+    """Connected components size their tasks by the spanning edges: under output.pairs all the
+    edges table also holds every pair and the per-task counters, which must not be counted in."""
+    rng = np.random.default_rng(9)
+    levels = [0] * 700 + [1] * 300 + [search.PAIR] * 5_000
+    rows = [(int(a), int(a) + 1, 0.97, level) for a, level in zip(rng.integers(0, 10**6, len(levels)), levels)]
+    # Two tasks' counters: owned pairs per threshold index, and histogram bins.
+    counters = [(0, 3_000, search.PAIR_COUNT), (1, 900, search.PAIR_COUNT), (0, 2_000, search.PAIR_COUNT),
+                (95, 4_000, search.HISTOGRAM), (99, 1_000, search.HISTOGRAM), (95, 7, search.HISTOGRAM)]
+    rows += [(index, count, 0.0, level) for index, count, level in counters]
+    edges = spark.createDataFrame(rows, search.EDGES_SCHEMA).repartition(4)
+    pair_counts, histogram, forest_edges = search.search_stats(edges, 2)
+    assert forest_edges == [levels.count(0), levels.count(1)]
+    assert pair_counts == [5_000, 900]
+    assert histogram[95] == 4_007 and histogram[99] == 1_000 and sum(histogram) == 5_007
 
 
 def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
