@@ -1,8 +1,8 @@
 """Recall self-estimate: how many true pairs did the bucketed search miss, in this run?
 
 A seeded uniform sample of rows (``estimate.sample_rows``) is collected to the
-driver and shipped to the tasks, which compare it exhaustively with every row
-(one scan of the data, exact search as everywhere else). That yields every true
+driver and shipped to the assign tasks, which compare it exhaustively with every
+row they read (exact search as everywhere else; no scan of its own). That yields every true
 pair involving a sampled row. Closure recall is the fraction of those pairs
 whose two rows ended in the same group; where ``output.pairs: all``, direct
 recall is the fraction found as pairs.
@@ -22,7 +22,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import read, search
+from dedup_spark import read
 from dedup_spark.tables import binary_matrix
 
 
@@ -45,19 +45,21 @@ def probe_fraction(sample_rows: int, valid_rows: int) -> float:
     return min(1.0, 1.5 * sample_rows / max(1, valid_rows))
 
 
-def sample_true_pairs(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: int, dim: int,
-                      threshold: float, seed: int, stored: read.StoredSample | None = None) -> tuple[DataFrame, int]:
-    """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row. The sample
-    is drawn with seed + 1, from ``stored`` when it holds the draw."""
+def probes(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: int, dim: int, seed: int,
+           stored: read.StoredSample | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The sampled rows' ids and embeddings (small: on the driver), drawn with seed + 1, from ``stored``
+    when it holds the draw. ``search.probe_scanner`` compares them with every row, in the assign
+    stage's scan (the rows are read once for both)."""
     picked = read.sample_valid_rows(spark, rows_uri, probe_fraction(sample_rows, valid_count), seed + 1,
                                     sample_rows, stored)
-    ids = picked.column("row_id").to_numpy()
-    sample = binary_matrix(picked.column("embedding"), dim).copy()
+    return picked.column("row_id").to_numpy(), binary_matrix(picked.column("embedding"), dim).copy()
 
-    pairs = read.valid_rows(spark, rows_uri, search.probe_scanner(ids, sample, dim, threshold),
-                            search.PROBE_PAIRS_SCHEMA)
-    return (pairs.where(F.col("probe_id") != F.col("row_id"))
-            .select(F.col("probe_id").alias("sample_row_id"), "row_id"), len(ids))
+
+def true_pairs(probe_pairs: DataFrame) -> DataFrame:
+    """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row, from the probe
+    scan's output (PROBE_PAIRS_SCHEMA; a probe meets itself there too)."""
+    return (probe_pairs.where(F.col("probe_id") != F.col("row_id"))
+            .select(F.col("probe_id").alias("sample_row_id"), "row_id"))
 
 
 def estimate_recall(sample_pairs: DataFrame, sampled: int, duplicates: DataFrame, pairs: DataFrame | None) -> dict:

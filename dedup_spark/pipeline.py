@@ -32,7 +32,15 @@ from pyspark.sql import functions as F
 
 from dedup_spark import bucket, captions, estimate, group, html, kernels, read, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.read import InputError, build_manifest, metadata_schema, read_metadata, valid_rows, write_rows, write_valid_rows
+from dedup_spark.read import (
+    InputError,
+    build_manifest,
+    metadata_schema,
+    read_metadata,
+    valid_rows,
+    write_rows,
+    write_valid_tables,
+)
 
 log = logging.getLogger("dedup_spark")
 
@@ -166,9 +174,21 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     model = bucket.BucketModel(**train_result["model"])
     assigned_uri = storage.join(work, "assign")
 
+    probe_pairs_uri = storage.join(work, "probe_pairs")
+    probing = config.estimate.sample_rows > 0 and valid_count > 0
+
     def assign_stage() -> dict[str, Any]:
-        info = write_valid_rows(spark, rows_uri, bucket.assigner(model_uri, dim, model.model_id, threshold),
-                                bucket.ASSIGNED_SCHEMA, assigned_uri)
+        outputs = {"assigned": (bucket.assigner(model_uri, dim, model.model_id, threshold), bucket.ASSIGNED_SCHEMA,
+                                assigned_uri)}
+        probe_rows = 0
+        if probing:
+            # The recall probes ride on this scan of every row (see the estimate stage).
+            probe_ids, probe_matrix = estimate.probes(spark, rows_uri, config.estimate.sample_rows, valid_count, dim,
+                                                      config.bucketing.seed, stored_sample)
+            probe_rows = len(probe_ids)
+            outputs["probe_pairs"] = (search.probe_scanner(probe_ids, probe_matrix, dim, threshold),
+                                      search.PROBE_PAIRS_SCHEMA, probe_pairs_uri)
+        info = write_valid_tables(spark, rows_uri, outputs)["assigned"]
         # Every row joins at least its nearest bucket of each round, at most model.width buckets.
         if not valid_count * model.rounds <= info.rows <= valid_count * model.width:
             raise report.AccountingError(f"assign wrote {info.rows} rows, not between {valid_count} valid rows x "
@@ -176,10 +196,13 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
         sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
         storage.write_npy(storage.join(work, "bucket_sizes.npy"), sizes)
-        return {"rows": info.rows, "buckets": len(sizes), "note": f"{len(sizes)} non-empty buckets"}
+        return {"rows": info.rows, "buckets": len(sizes), "probe_rows": probe_rows,
+                "note": f"{len(sizes)} non-empty buckets" + (f", {probe_rows} recall probes" if probing else "")}
 
-    # The threshold scales the k-means margin, so it changes which further buckets rows join.
-    assign_result = stages.run("assign", {"threshold": threshold if model.margin is not None else None}, assign_stage)
+    # The threshold scales the k-means margin, so it changes which further buckets rows join, and it
+    # is the probes' threshold.
+    assign_result = stages.run("assign", {"threshold": threshold if model.margin is not None or probing else None,
+                                          "probes": config.estimate.sample_rows if probing else 0}, assign_stage)
     bucket_sizes = {int(b): int(c) for b, c in storage.read_npy(storage.join(work, "bucket_sizes.npy"))}
     task_memory = bucket.task_memory_bytes(spark)
     cap = bucket.max_task_rows(task_memory, dim, config)
@@ -280,11 +303,12 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                               group_stage)
 
     def estimate_stage() -> dict[str, Any]:
-        if config.estimate.sample_rows == 0 or valid_count == 0:
+        if not probing:
             return {"rows": 0, "skipped": True}
         started_at = time.perf_counter()
-        sample_pairs, sampled = estimate.sample_true_pairs(spark, rows_uri, config.estimate.sample_rows, valid_count, dim,
-                                                           threshold, config.bucketing.seed, stored_sample)
+        # The probes' true pairs were found by the assign stage's scan; here they meet the groups.
+        sample_pairs = estimate.true_pairs(tables.read_table(spark, probe_pairs_uri))
+        sampled = assign_result["probe_rows"]
         pairs = tables.read_table(spark, storage.join(staged, "pairs")) if all_pairs else None
         result = estimate.estimate_recall(sample_pairs, sampled, tables.read_table(spark, duplicates_uri), pairs)
         result["seconds"] = round(time.perf_counter() - started_at, 3)

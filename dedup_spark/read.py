@@ -484,11 +484,11 @@ def valid_rows(spark: SparkSession, rows_uri: str, transform: tables.BatchTransf
     return tables.map_table(spark, rows_uri, _VALID_SOURCE, accepted, schema)
 
 
-def write_valid_rows(spark: SparkSession, rows_uri: str, transform: tables.BatchTransform, schema: T.StructType,
-                     uri: str) -> tables.TableInfo:
-    """``transform`` of the accepted rows, written as a table: read, transform and write in one Python task."""
-    return tables.write_mapped_table(spark, rows_uri, _VALID_SOURCE, lambda batches: transform(_valid_batches(batches)),
-                                     schema, uri)
+def write_valid_tables(spark: SparkSession, rows_uri: str,
+                       outputs: dict[str, tuple[tables.BatchTransform, T.StructType, str]]) -> dict[str, tables.TableInfo]:
+    """Each output's ``(transform, schema, uri)``: the transform of the accepted rows, written as a table;
+    one scan, in one Python task per part, for all of them (``tables.write_mapped_tables``)."""
+    return tables.write_mapped_tables(spark, rows_uri, _VALID_SOURCE, outputs, _valid_batches)
 
 
 def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int, limit: int | None = None,

@@ -59,17 +59,27 @@ def write_table(df: DataFrame, uri: str) -> TableInfo:
     return _commit(uri, written, df.schema)
 
 
-def write_mapped_table(spark: SparkSession, source_uri: str, columns: list[str],
-                       transform: BatchTransform,
-                       schema: T.StructType, uri: str) -> TableInfo:
-    """``transform`` of a committed table's batches, written as a new table: read, transform and
-    write happen in one Python task per source part, so the rows never pass through the JVM
-    (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice)."""
+def write_mapped_tables(spark: SparkSession, source_uri: str, columns: list[str],
+                        outputs: dict[str, tuple[BatchTransform, T.StructType, str]],
+                        prepare: BatchTransform | None = None) -> dict[str, TableInfo]:
+    """Each output's ``(transform, schema, uri)``: the transform of a committed table's batches (after
+    ``prepare``, once for all outputs), written as a new table. Read, transforms and writes happen in
+    one Python task per source part, so the rows never pass through the JVM
+    (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice),
+    and several outputs cost one scan."""
     reading = _reading(spark, source_uri, table_info(source_uri), columns)
     if reading is None:
-        return write_table(spark.createDataFrame([], schema), uri)
+        return {name: write_table(spark.createDataFrame([], schema), uri) for name, (_, schema, uri) in outputs.items()}
     paths, reader = reading
-    return write_produced_table(paths, lambda batches: transform(reader(batches)), schema, uri)
+
+    def produce(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch]]:
+        source = reader(batches)
+        for batch in source if prepare is None else prepare(source):
+            for name, (transform, _, _) in outputs.items():
+                for produced in transform(iter([batch])):
+                    yield name, produced
+
+    return write_produced_tables(paths, produce, {name: (schema, uri) for name, (_, schema, uri) in outputs.items()})
 
 
 def write_produced_table(tasks: DataFrame, produce: BatchTransform,
