@@ -17,13 +17,16 @@ clipped to [0, 1].
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import read
-from dedup_spark.tables import binary_matrix
+from dedup_spark import read, search
+from dedup_spark.tables import BatchTransform, binary_matrix
 
 
 def ratio_interval(closed: np.ndarray, true: np.ndarray) -> tuple[float, float, float]:
@@ -55,10 +58,38 @@ def probes(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: in
     return picked.column("row_id").to_numpy(), binary_matrix(picked.column("embedding"), dim).copy()
 
 
+# A probe_id marking a task's timing row: row_id holds the microseconds its probe comparisons took.
+_TIMING = -1
+
+
+def probe_transform(probe_ids: np.ndarray, probe_matrix: np.ndarray, dim: int, threshold: float) -> BatchTransform:
+    """``search.probe_scanner`` that also writes, per task, one timing row (probe_id -1): the probes'
+    cost stays visible in the report although it is paid inside the assign stage."""
+    scan = search.probe_scanner(probe_ids, probe_matrix, dim, threshold)
+
+    def timed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        elapsed = 0.0
+        for batch in batches:
+            started = time.perf_counter()
+            found = list(scan(iter([batch])))
+            elapsed += time.perf_counter() - started
+            yield from found
+        yield pa.RecordBatch.from_arrays([pa.array([_TIMING], pa.int64()), pa.array([round(elapsed * 1e6)], pa.int64()),
+                                          pa.array([0.0], pa.float32())], names=search.PROBE_PAIRS_SCHEMA.names)
+
+    return timed
+
+
+def probe_task_seconds(probe_pairs: DataFrame) -> float:
+    """Seconds the assign tasks spent comparing rows with the probes, summed over tasks."""
+    total = probe_pairs.where(F.col("probe_id") == _TIMING).agg(F.sum("row_id")).first()[0]
+    return float(total or 0) / 1e6
+
+
 def true_pairs(probe_pairs: DataFrame) -> DataFrame:
     """(sample_row_id, row_id) for every pair >= threshold that involves a sampled row, from the probe
-    scan's output (PROBE_PAIRS_SCHEMA; a probe meets itself there too)."""
-    return (probe_pairs.where(F.col("probe_id") != F.col("row_id"))
+    scan's output (``probe_transform``; a probe meets itself there too)."""
+    return (probe_pairs.where((F.col("probe_id") != F.col("row_id")) & (F.col("probe_id") != _TIMING))
             .select(F.col("probe_id").alias("sample_row_id"), "row_id"))
 
 
