@@ -58,13 +58,14 @@ def probes(spark: SparkSession, rows_uri: str, sample_rows: int, valid_count: in
     return picked.column("row_id").to_numpy(), binary_matrix(picked.column("embedding"), dim).copy()
 
 
-# A probe_id marking a task's timing row: row_id holds the microseconds its probe comparisons took.
+# A probe_id marking a timing row: row_id holds the microseconds the probe comparisons took.
 _TIMING = -1
 
 
 def probe_transform(probe_ids: np.ndarray, probe_matrix: np.ndarray, dim: int, threshold: float) -> BatchTransform:
-    """``search.probe_scanner`` that also writes, per task, one timing row (probe_id -1): the probes'
-    cost stays visible in the report although it is paid inside the assign stage."""
+    """``search.probe_scanner`` that also writes one timing row (probe_id -1) per call, i.e. per batch
+    under ``tables.write_mapped_tables``: the probes' cost stays visible in the report although it is
+    paid inside the assign stage."""
     scan = search.probe_scanner(probe_ids, probe_matrix, dim, threshold)
 
     def timed(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

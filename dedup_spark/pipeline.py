@@ -229,8 +229,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
     # Connected components size their tasks by the spanning edges alone (under output.pairs: all the
-    # edges table also holds every pair); a search recorded without them counts every edge row.
-    forest_edges = search_result.get("forest_edges") or [search_result["rows"]] * len(thresholds)
+    # edges table also holds every pair).
+    forest_edges = search_result["forest_edges"]
     merged_uri = storage.join(work, "merged_captions")
 
     def group_stage() -> dict[str, Any]:

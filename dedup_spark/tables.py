@@ -66,7 +66,8 @@ def write_mapped_tables(spark: SparkSession, source_uri: str, columns: list[str]
     ``prepare``, once for all outputs), written as a new table. Read, transforms and writes happen in
     one Python task per source part, so the rows never pass through the JVM
     (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice),
-    and several outputs cost one scan."""
+    and several outputs cost one scan. Each transform is called once per batch, so the outputs
+    interleave and no batch is held for a later output."""
     reading = _reading(spark, source_uri, table_info(source_uri), columns)
     if reading is None:
         return {name: write_table(spark.createDataFrame([], schema), uri) for name, (_, schema, uri) in outputs.items()}
