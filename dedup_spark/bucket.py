@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
-from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import kernels, read, storage
@@ -28,11 +27,21 @@ from dedup_spark.tables import BatchTransform, binary_matrix, packed_binary
 
 log = logging.getLogger(__name__)
 
+# The assign table: one row per accepted row, in the rows table's order (see tables.map_aligned),
+# holding only its bucket slots, so the embeddings are not copied m times on their way to search.
 ASSIGNED_SCHEMA = T.StructType([
+    T.StructField("row_id", T.LongType(), False),
+    # All the row's bucket slots over all rounds (sorted int32; a slot the margin dropped repeats
+    # one the row joined): the buckets it joins, and the search's ownership rule.
+    T.StructField("buckets", T.BinaryType(), False),
+])
+# What the search stage shuffles: a row once per search task of each bucket it joins.
+ROUTED_SCHEMA = T.StructType([
+    T.StructField("task_id", T.IntegerType(), False),
     T.StructField("bucket_id", T.IntegerType(), False),
+    T.StructField("side", T.IntegerType(), False),
     T.StructField("row_id", T.LongType(), False),
     T.StructField("embedding", T.BinaryType(), False),
-    # All the row's bucket ids (sorted int32), for the search's ownership rule.
     T.StructField("buckets", T.BinaryType(), False),
 ])
 # Fraction of max_task_rows one block aims at; hashing makes block sizes vary a little.
@@ -241,9 +250,8 @@ def load_model(model_uri: str, model_id: str = "",
 
 
 def assigner(model_uri: str, dim: int, model_id: str = "", threshold: float = 1.0) -> BatchTransform:
-    """A batch transform from (row_id, embedding) rows to every row once per bucket it joins
-    (ASSIGNED_SCHEMA), carrying the list of all its bucket slots (a bucket the margin
-    dropped repeats one the row joined)."""
+    """A batch transform from (row_id, embedding) rows to each row's bucket slots (ASSIGNED_SCHEMA),
+    row for row in the same order."""
 
     def assign_batches(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         _, assign_rows = load_model(model_uri, model_id, threshold)
@@ -251,17 +259,31 @@ def assigner(model_uri: str, dim: int, model_id: str = "", threshold: float = 1.
             if batch.num_rows == 0:
                 continue
             buckets = assign_rows(binary_matrix(batch.column("embedding"), dim)).astype(np.int32)
-            # Sorted slots: a repeated id is adjacent to its first, and is not joined twice.
-            joins = np.ones(buckets.shape, dtype=bool)
-            joins[:, 1:] = buckets[:, 1:] != buckets[:, :-1]
-            repeat = np.repeat(np.arange(batch.num_rows), joins.sum(axis=1))
-            yield pa.RecordBatch.from_arrays(
-                [pa.array(buckets[joins]), batch.column("row_id").take(repeat),
-                 batch.column("embedding").take(repeat), packed_binary(buckets).take(pa.array(repeat))],
-                names=ASSIGNED_SCHEMA.names,
-            )
+            yield pa.RecordBatch.from_arrays([batch.column("row_id"), packed_binary(buckets)],
+                                             names=ASSIGNED_SCHEMA.names)
 
     return assign_batches
+
+
+def joined_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, bucket id) of every bucket each row joins, from rows x width sorted slots:
+    a repeated slot is adjacent to its first and is not joined twice."""
+    joins = np.ones(buckets.shape, dtype=bool)
+    joins[:, 1:] = buckets[:, 1:] != buckets[:, :-1]
+    return np.nonzero(joins)[0], buckets[joins]
+
+
+def bucket_sizes(assigned: DataFrame, width: int) -> dict[int, int]:
+    """Rows per bucket, counted from the assign table (small: K numbers reach the driver)."""
+
+    def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            ids, counts = np.unique(joined_buckets(binary_matrix(batch.column("buckets"), width, "int32"))[1],
+                                    return_counts=True)
+            yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(counts)], names=["bucket_id", "rows"])
+
+    counted = assigned.select("buckets").mapInArrow(count, "bucket_id int, rows long")
+    return {int(r["bucket_id"]): int(r["sum(rows)"]) for r in counted.groupBy("bucket_id").sum("rows").collect()}
 
 
 @dataclass(frozen=True)
@@ -305,12 +327,40 @@ def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
     return SearchPlan(blocks, routes, task, largest, split, comparisons)
 
 
-def route(assigned: DataFrame, plan: SearchPlan, seed: int) -> DataFrame:
-    """Rows tagged with (task_id, side); rows of a split bucket go to every task of their block."""
-    spark = assigned.sparkSession
-    blocks = spark.createDataFrame(plan.blocks, "bucket_id int, blocks int")
-    routes = spark.createDataFrame(plan.routes, "bucket_id int, block int, task_id int, side int")
-    with_block = assigned.join(F.broadcast(blocks), "bucket_id").withColumn(
-        "block", F.pmod(F.xxhash64(F.col("row_id"), F.lit(seed)), F.col("blocks")).cast("int"))
-    return with_block.join(F.broadcast(routes), ["bucket_id", "block"]).select(
-        "task_id", "bucket_id", "side", "row_id", "embedding", "buckets")
+def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch, pa.RecordBatch],
+                                                                       Iterator[pa.RecordBatch]]:
+    """A function from a batch of accepted rows (row_id, embedding) and their assign rows to the rows
+    of every search task they feed (ROUTED_SCHEMA): a row goes once to the task of each bucket it
+    joins, or, in a split bucket, to every task of its block (chosen by a hash of row_id)."""
+    bucket_ids = np.array([b for b, _ in plan.blocks], dtype=np.int64)
+    block_counts = np.array([c for _, c in plan.blocks], dtype=np.int64)
+    # Flat block index of (bucket, block) = first_block[bucket] + block; each flat block's routes
+    # are route_task/route_side[route_start[flat]:route_start[flat + 1]].
+    first_block = np.full(int(bucket_ids.max(initial=-1)) + 1, -1, dtype=np.int64)
+    first_block[bucket_ids] = np.concatenate([[0], np.cumsum(block_counts)[:-1]])
+    routes = np.array(plan.routes, dtype=np.int64).reshape(-1, 4)
+    flat = first_block[routes[:, 0]] + routes[:, 1]
+    order = np.argsort(flat, kind="stable")
+    route_start = np.concatenate([[0], np.cumsum(np.bincount(flat, minlength=int(block_counts.sum())))])
+    route_task, route_side = routes[order, 2].astype(np.int32), routes[order, 3].astype(np.int32)
+    blocks_of = np.zeros_like(first_block)
+    blocks_of[bucket_ids] = block_counts
+
+    def route_batch(rows: pa.RecordBatch, assigned: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        slots = binary_matrix(assigned.column("buckets"), width, "int32")
+        row_index, bucket = joined_buckets(slots)
+        block = (kernels.sample_hash(rows.column("row_id").to_numpy()[row_index], seed + 2)
+                 * blocks_of[bucket]).astype(np.int64)
+        flat_block = first_block[bucket] + block
+        copies = route_start[flat_block + 1] - route_start[flat_block]
+        source = np.repeat(np.arange(len(flat_block)), copies)
+        # Position of each copy among its block's routes.
+        within = np.arange(len(source)) - np.repeat(np.cumsum(copies) - copies, copies)
+        chosen = route_start[flat_block[source]] + within
+        take = pa.array(row_index[source])
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(route_task[chosen]), pa.array(bucket[source].astype(np.int32)), pa.array(route_side[chosen]),
+             rows.column("row_id").take(take), rows.column("embedding").take(take), assigned.column("buckets").take(take)],
+            names=ROUTED_SCHEMA.names)
+
+    return route_batch

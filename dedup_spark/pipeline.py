@@ -35,6 +35,7 @@ from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.read import (
     InputError,
     build_manifest,
+    map_valid_rows_beside,
     metadata_schema,
     read_metadata,
     valid_rows,
@@ -46,7 +47,7 @@ log = logging.getLogger("dedup_spark")
 
 SUCCESS = "_SUCCESS"
 # Bump when a stage's output format or meaning changes, so old work is not reused.
-STAGE_FORMAT = 3
+STAGE_FORMAT = 4
 
 
 class OutputError(ValueError):
@@ -189,14 +190,16 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             outputs["probe_pairs"] = (estimate.probe_transform(probe_ids, probe_matrix, dim, threshold),
                                       search.PROBE_PAIRS_SCHEMA, probe_pairs_uri)
         info = write_valid_tables(spark, rows_uri, outputs)["assigned"]
+        if info.rows != valid_count:
+            raise report.AccountingError(f"assign wrote {info.rows} rows for {valid_count} valid rows")
+        sizes = bucket.bucket_sizes(tables.read_table(spark, assigned_uri), model.width)
+        joins = sum(sizes.values())
         # Every row joins at least its nearest bucket of each round, at most model.width buckets.
-        if not valid_count * model.rounds <= info.rows <= valid_count * model.width:
-            raise report.AccountingError(f"assign wrote {info.rows} rows, not between {valid_count} valid rows x "
-                                         f"{model.rounds} and x {model.width} buckets: rows would go unsearched")
-        counts = tables.read_table(spark, assigned_uri, ["bucket_id"]).groupBy("bucket_id").count().collect()
-        sizes = np.array([[r["bucket_id"], r["count"]] for r in counts], dtype=np.int64).reshape(-1, 2)
-        storage.write_npy(storage.join(work, "bucket_sizes.npy"), sizes)
-        return {"rows": info.rows, "buckets": len(sizes), "probe_rows": probe_rows,
+        if not valid_count * model.rounds <= joins <= valid_count * model.width:
+            raise report.AccountingError(f"rows joined {joins} buckets, not between {valid_count} valid rows x "
+                                         f"{model.rounds} and x {model.width}: rows would go unsearched")
+        storage.write_npy(storage.join(work, "bucket_sizes.npy"), np.array(sorted(sizes.items()), dtype=np.int64).reshape(-1, 2))
+        return {"rows": joins, "buckets": len(sizes), "probe_rows": probe_rows,
                 "note": f"{len(sizes)} non-empty buckets" + (f", {probe_rows} recall probes" if probing else "")}
 
     # The threshold scales the k-means margin, so it changes which further buckets rows join, and it
@@ -213,7 +216,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         plan = bucket.plan_search(bucket_sizes, cap)
         partitions = max(1, min(plan.tasks, max(spark.sparkContext.defaultParallelism * 4,
                                                 math.ceil(assign_result["rows"] / 20000))))
-        routed = bucket.route(tables.read_table(spark, assigned_uri), plan, config.bucketing.seed)
+        routed = map_valid_rows_beside(spark, rows_uri, assigned_uri,
+                                       bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs, partitions,
                               task_memory // 2, model.width, config.run.fault_task_fraction)
         info = tables.write_table(edges, edges_uri)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -489,6 +489,14 @@ def write_valid_tables(spark: SparkSession, rows_uri: str,
     """Each output's ``(transform, schema, uri)``: the transform of the accepted rows, written as a table;
     one scan, in one Python task per part, for all of them (``tables.write_mapped_tables``)."""
     return tables.write_mapped_tables(spark, rows_uri, _VALID_SOURCE, outputs, _valid_batches)
+
+
+def map_valid_rows_beside(spark: SparkSession, rows_uri: str, aligned_uri: str,
+                          transform: Callable[[pa.RecordBatch, pa.RecordBatch], Iterator[pa.RecordBatch]],
+                          schema: T.StructType) -> DataFrame:
+    """``transform(accepted rows, their rows of aligned_uri)`` per batch, for a table written by
+    ``write_valid_tables`` with one row per accepted row (``tables.map_aligned``: no join)."""
+    return tables.map_aligned(spark, rows_uri, _VALID_SOURCE, aligned_uri, transform, schema, _valid_batches)
 
 
 def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int, limit: int | None = None,

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 TABLE_MANIFEST = "_table.json"
 _PART_SCHEMA = T.StructType([T.StructField("table", T.StringType()), T.StructField("path", T.StringType()),
-                            T.StructField("rows", T.LongType()), T.StructField("bytes", T.LongType())])
+                            T.StructField("rows", T.LongType()), T.StructField("bytes", T.LongType()),
+                            T.StructField("task", T.IntegerType())])
 # Bytes (Arrow, in memory) one reading task aims at: small parts are read several to a task,
 # since every Python task costs ~30 ms of scheduling and worker hand-off whatever its size
 # (the search's 100 parts of 7k edges took 4.5 s to scan one per task, 0.3 s four per task).
@@ -49,6 +50,9 @@ class TableInfo:
     schema: T.StructType
     # Arrow bytes of each part as written; None in manifests from before it was recorded.
     part_bytes: list[int] | None = None
+    # Tables written by write_mapped_tables: the source parts each part was made from, in order
+    # (what map_aligned reads beside it); None for other tables.
+    source_parts: list[list[str]] | None = None
 
 
 def write_table(df: DataFrame, uri: str) -> TableInfo:
@@ -67,8 +71,12 @@ def write_mapped_tables(spark: SparkSession, source_uri: str, columns: list[str]
     one Python task per source part, so the rows never pass through the JVM
     (``write_table(read_table(...).mapInArrow(...))`` would ship them Python -> JVM -> Python twice),
     and several outputs cost one scan. Each transform is called once per batch, so the outputs
-    interleave and no batch is held for a later output."""
-    reading = _reading(spark, source_uri, table_info(source_uri), columns)
+    interleave and no batch is held for a later output. Each manifest records the source parts of
+    each part: an output holding one row per (prepared) source row, in order, can be read beside
+    the source by ``map_aligned``."""
+    source = table_info(source_uri)
+    tasks = _reading_tasks(spark, source)
+    reading = _reading(spark, source_uri, source, columns, tasks=tasks)
     if reading is None:
         return {name: write_table(spark.createDataFrame([], schema), uri) for name, (_, schema, uri) in outputs.items()}
     paths, reader = reading
@@ -80,7 +88,8 @@ def write_mapped_tables(spark: SparkSession, source_uri: str, columns: list[str]
                 for produced in transform(iter([batch])):
                     yield name, produced
 
-    return write_produced_tables(paths, produce, {name: (schema, uri) for name, (_, schema, uri) in outputs.items()})
+    return write_produced_tables(paths, produce, {name: (schema, uri) for name, (_, schema, uri) in outputs.items()},
+                                 tasks)
 
 
 def write_produced_table(tasks: DataFrame, produce: BatchTransform,
@@ -94,15 +103,17 @@ def write_produced_table(tasks: DataFrame, produce: BatchTransform,
 
 def write_produced_tables(tasks: DataFrame,
                           produce: Callable[[Iterator[pa.RecordBatch]], Iterator[tuple[str, pa.RecordBatch]]],
-                          outputs: dict[str, tuple[T.StructType, str]]) -> dict[str, TableInfo]:
+                          outputs: dict[str, tuple[T.StructType, str]],
+                          task_sources: list[list[str]] | None = None) -> dict[str, TableInfo]:
     """``write_produced_table`` for several tables at once: ``produce`` yields (output name, batch),
     and each task writes one part of every output, so one pass over the input can also write
-    small side tables (the read stage's samples)."""
+    small side tables (the read stage's samples). ``task_sources``: the source parts task i read,
+    recorded per part."""
     for _, uri in outputs.values():
         storage.delete_tree(uri)
     writer = _part_writer({name: (uri, _arrow_schema(schema)) for name, (schema, uri) in outputs.items()})
     written = tasks.mapInArrow(lambda batches: writer(produce(batches)), _PART_SCHEMA).collect()
-    return {name: _commit(uri, [row for row in written if row["table"] == name], schema)
+    return {name: _commit(uri, [row for row in written if row["table"] == name], schema, task_sources)
             for name, (schema, uri) in outputs.items()}
 
 
@@ -132,26 +143,33 @@ def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterato
         tables = list(outputs)
         yield pa.RecordBatch.from_pydict({"table": tables, "path": [name] * len(tables),
                                           "rows": [counts[t][0] for t in tables],
-                                          "bytes": [counts[t][1] for t in tables]})
+                                          "bytes": [counts[t][1] for t in tables],
+                                          "task": [context.partitionId()] * len(tables)},
+                                         schema=_arrow_schema(_PART_SCHEMA))
 
     return write_partition
 
 
-def _commit(uri: str, written: list, schema: T.StructType) -> TableInfo:
+def _commit(uri: str, written: list, schema: T.StructType,
+            task_sources: list[list[str]] | None = None) -> TableInfo:
     """List the parts the successful task attempts reported: the table's manifest."""
     written = sorted(written, key=lambda row: row["path"])
     parts = [row["path"] for row in written]
     part_bytes = [row["bytes"] for row in written]
     rows = sum(row["rows"] for row in written)
-    storage.write_json(storage.join(uri, TABLE_MANIFEST),
-                       {"rows": rows, "parts": parts, "part_bytes": part_bytes, "schema": schema.json()})
-    return TableInfo(uri, rows, parts, schema, part_bytes)
+    source_parts = None if task_sources is None else [task_sources[row["task"]] for row in written]
+    manifest = {"rows": rows, "parts": parts, "part_bytes": part_bytes, "schema": schema.json()}
+    if source_parts is not None:
+        manifest["source_parts"] = source_parts
+    storage.write_json(storage.join(uri, TABLE_MANIFEST), manifest)
+    return TableInfo(uri, rows, parts, schema, part_bytes, source_parts)
 
 
 def table_info(uri: str) -> TableInfo:
     manifest = storage.read_json(storage.join(uri, TABLE_MANIFEST))
     schema = T.StructType.fromJson(json.loads(manifest["schema"]))
-    return TableInfo(uri, manifest["rows"], manifest["parts"], schema, manifest.get("part_bytes"))
+    return TableInfo(uri, manifest["rows"], manifest["parts"], schema, manifest.get("part_bytes"),
+                     manifest.get("source_parts"))
 
 
 def read_table(spark: SparkSession, uri: str, columns: list[str] | None = None,
@@ -188,18 +206,66 @@ def _project(schema: T.StructType, columns: list[str] | None) -> T.StructType:
 
 
 def _reading(spark: SparkSession, uri: str, info: TableInfo, columns: list[str] | None,
-             max_task_rows: int | None = None) -> tuple[DataFrame, BatchTransform] | None:
-    """A DataFrame of a committed table's part names, a list per reading task, and the mapInArrow
-    function reading them; None for a table without parts."""
+             max_task_rows: int | None = None,
+             tasks: list[list[str]] | None = None) -> tuple[DataFrame, BatchTransform] | None:
+    """A DataFrame of a committed table's part names, a list per reading task (``tasks``, or
+    ``_reading_tasks``), and the mapInArrow function reading them; None for a table without parts."""
     if not info.parts:
         return None
-    task_bytes = READ_TASK_BYTES
-    if max_task_rows is not None and info.part_bytes is not None and info.rows:
-        task_bytes = min(task_bytes, max(1, int(max_task_rows * sum(info.part_bytes) / info.rows)))
-    tasks = read_tasks(info.parts, info.part_bytes, spark.sparkContext.defaultParallelism, task_bytes)
+    tasks = tasks or _reading_tasks(spark, info, max_task_rows)
     parallel = spark.sparkContext.parallelize([(paths,) for paths in tasks], len(tasks))
     reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
     return spark.createDataFrame(parallel, "paths array<string>"), reader
+
+
+def _reading_tasks(spark: SparkSession, info: TableInfo, max_task_rows: int | None = None) -> list[list[str]]:
+    """``read_tasks`` for a committed table, merging small parts only up to about ``max_task_rows``."""
+    task_bytes = READ_TASK_BYTES
+    if max_task_rows is not None and info.part_bytes is not None and info.rows:
+        task_bytes = min(task_bytes, max(1, int(max_task_rows * sum(info.part_bytes) / info.rows)))
+    return read_tasks(info.parts, info.part_bytes, spark.sparkContext.defaultParallelism, task_bytes)
+
+
+def map_aligned(spark: SparkSession, source_uri: str, columns: list[str], aligned_uri: str,
+                transform: Callable[[pa.RecordBatch, pa.RecordBatch], Iterator[pa.RecordBatch]],
+                schema: T.StructType | str, prepare: BatchTransform | None = None, key: str = "row_id") -> DataFrame:
+    """``transform(source batch, aligned rows)`` over a source table read beside a table written from it
+    by ``write_mapped_tables`` with one row per (prepared) source row, in order: no join, no shuffle.
+    Each task reads the source parts one aligned part was made from and that part (small: read
+    whole), and checks that ``key`` agrees row for row, so a stale aligned table fails loudly."""
+    aligned = table_info(aligned_uri)
+    if aligned.source_parts is None:
+        raise ValueError(f"{aligned_uri} records no source parts: it was not written by write_mapped_tables")
+    if not aligned.parts:
+        return spark.createDataFrame([], schema)
+    source = table_info(source_uri)
+    if not {part for parts in aligned.source_parts for part in parts} <= set(source.parts):
+        raise ValueError(f"{aligned_uri} was written from other parts of {source_uri} than it holds now; "
+                         "rerun the stage that wrote it")
+    reader = _part_reader(source_uri, columns, _arrow_schema(_project(source.schema, columns)))
+    read_aligned = _part_reader(aligned_uri, None, _arrow_schema(aligned.schema))
+    work = [(sources, part) for sources, part in zip(aligned.source_parts, aligned.parts)]
+    tasks = spark.createDataFrame(spark.sparkContext.parallelize(work, len(work)), "paths array<string>, part string")
+
+    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for sources, part in zip(batch.column("paths").to_pylist(), batch.column("part").to_pylist()):
+                table = pa.Table.from_batches(list(read_aligned(_paths_batch([part]))), _arrow_schema(aligned.schema))
+                beside = pa.RecordBatch.from_arrays([column.combine_chunks() for column in table.columns],
+                                                    names=table.column_names)
+                source = reader(_paths_batch(sources))
+                offset = 0
+                for rows in source if prepare is None else prepare(source):
+                    alongside = beside.slice(offset, rows.num_rows)
+                    if alongside.num_rows != rows.num_rows or not alongside.column(key).equals(rows.column(key)):
+                        raise RuntimeError(f"{aligned_uri}/{part} is not aligned with {source_uri} at row {offset}: "
+                                           "it was written from other source rows; rerun the stage that wrote it")
+                    yield from transform(rows, alongside)
+                    offset += rows.num_rows
+                if offset != beside.num_rows:
+                    raise RuntimeError(f"{aligned_uri}/{part} holds {beside.num_rows} rows, its source {offset}")
+
+    return tasks.mapInArrow(run, schema)
 
 
 def read_tasks(parts: list[str], part_bytes: list[int] | None, parallelism: int,
@@ -224,11 +290,16 @@ def read_tasks(parts: list[str], part_bytes: list[int] | None, parallelism: int,
     return grouped
 
 
+def _paths_batch(paths: list[str]) -> Iterator[pa.RecordBatch]:
+    """The input ``_part_reader`` takes: one batch listing the parts to read."""
+    return iter([pa.RecordBatch.from_pydict({"paths": [paths]})])
+
+
 def read_table_on_driver(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A committed table read whole by the driver: only for tables small by construction (samples)."""
     info = table_info(uri)
     reader = _part_reader(uri, columns, _arrow_schema(_project(info.schema, columns)))
-    batches = list(reader(iter([pa.RecordBatch.from_pydict({"paths": [info.parts]})])))
+    batches = list(reader(_paths_batch(info.parts)))
     return pa.Table.from_batches(batches, _arrow_schema(_project(info.schema, columns)))
 
 

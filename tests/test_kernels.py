@@ -104,6 +104,53 @@ def test_plan_search_covers_every_block_pair_within_the_cap():
     assert covered == {(i, j) for i in range(blocks) for j in range(i, blocks)}
 
 
+def test_router_makes_every_pair_sharing_a_bucket_meet_in_exactly_one_task_of_it():
+    from itertools import combinations
+
+    import pyarrow as pa
+
+    from dedup_spark.bucket import joined_buckets, router
+    from dedup_spark.tables import packed_binary
+
+    rng = np.random.default_rng(3)
+    rows, width = 600, 3
+    # Slots over 6 buckets, sorted, some repeated (a bucket the margin dropped repeats one joined).
+    slots = np.sort(rng.choice([0, 1, 1, 1, 1, 2, 3, 5], size=(rows, width)), axis=1).astype(np.int32)
+    row_index, bucket_ids = joined_buckets(slots)
+    sizes = {int(b): int(c) for b, c in zip(*np.unique(bucket_ids, return_counts=True))}
+    plan = plan_search(sizes, cap=250)  # bucket 1 (~525 rows) is split into blocks; the rest (~200) are not
+    assert plan.split_buckets == 1 and dict(plan.blocks)[1] > 2
+    row_ids = rng.permutation(10**6)[:rows].astype(np.int64)
+    embeddings = rng.standard_normal((rows, 4)).astype(np.float16)
+    route = router(plan, width, seed=7)
+    tasks: dict[int, list] = {}
+    for start in range(0, rows, 250):  # several batches, as a task sees them
+        part = slice(start, start + 250)
+        batch = pa.RecordBatch.from_arrays([pa.array(row_ids[part]), packed_binary(embeddings[part])],
+                                           names=["row_id", "embedding"])
+        assigned = pa.RecordBatch.from_arrays([pa.array(row_ids[part]), packed_binary(slots[part])],
+                                              names=["row_id", "buckets"])
+        for routed in route(batch, assigned):
+            for task, bucket, side, row_id, embedding, buckets in zip(*(routed.column(i).to_pylist() for i in range(6))):
+                index = int(np.flatnonzero(row_ids == row_id)[0])
+                assert embedding == embeddings[index].tobytes() and buckets == slots[index].tobytes()
+                tasks.setdefault(task, []).append((bucket, side, row_id))
+    assert sorted(tasks) == list(range(plan.tasks))
+    assert max(len(members) for members in tasks.values()) <= 250
+    met: dict[tuple, int] = {}
+    for members in tasks.values():
+        assert len({bucket for bucket, _, _ in members}) == 1
+        sides = [side for _, side, _ in members]
+        for (_, side_a, a), (_, side_b, b) in combinations(members, 2):
+            # A block-pair task compares its two sides; a one-block task, all its rows.
+            if side_a != side_b or 1 not in sides:
+                key = (members[0][0], min(a, b), max(a, b))
+                met[key] = met.get(key, 0) + 1
+    expected = {(int(b), int(min(row_ids[i], row_ids[j])), int(max(row_ids[i], row_ids[j])))
+                for b in sizes for i, j in combinations(row_index[bucket_ids == b], 2)}
+    assert set(met) == expected and set(met.values()) == {1}
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_spanning_forest_matches_union_find(seed):
     rng = np.random.default_rng(seed)

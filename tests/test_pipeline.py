@@ -12,6 +12,7 @@ import pytest
 from helpers import make_sample, output_groups, output_pairs, random_caption, read_table, run_job, stored_embeddings
 from oracle import brute_force_pairs, exact_jaccard, groups_of
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from dedup_spark import config as config_module
 from dedup_spark.group import choose_kept, duplicates_table
@@ -158,6 +159,51 @@ def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_pa
     capped = tables.read_table(spark, str(tmp_path / "small"), max_task_rows=500)
     sizes = capped.rdd.glom().map(len).collect()
     assert sum(sizes) == 4000 and len(sizes) == 8 and max(sizes) <= 500 + 100
+
+
+def test_a_mapped_table_is_read_beside_its_source_row_for_row_and_a_stale_one_fails(spark, tmp_path):
+    from dedup_spark import tables
+
+    def rows_table(start: int) -> str:
+        # Some rows filtered out by the prepare step, and parts small enough to be read several a task.
+        frame = spark.range(start, start + 3000, 1, 30).selectExpr("id as row_id", "id * 3 as value")
+        return tables.write_table(frame, str(tmp_path / "source")).uri
+
+    def odd_rows(batches):
+        for batch in batches:
+            yield batch.filter(pa.array(batch.column("row_id").to_numpy() % 2 == 1))
+
+    def halves(batches):
+        for batch in batches:
+            yield pa.RecordBatch.from_arrays([batch.column("row_id"), pa.array(batch.column("value").to_numpy() // 3)],
+                                             names=["row_id", "half"])
+
+    source = rows_table(0)
+    aligned_uri = str(tmp_path / "aligned")
+    outputs = {"aligned": (halves, T.StructType([T.StructField("row_id", T.LongType()),
+                                                  T.StructField("half", T.LongType())]), aligned_uri)}
+    info = tables.write_mapped_tables(spark, source, ["row_id", "value"], outputs, odd_rows)["aligned"]
+    assert info.rows == 1500 and len(info.source_parts) == len(info.parts) < 30
+    assert sorted(p for parts in info.source_parts for p in parts) == tables.table_info(source).parts
+
+    def pair_up(rows, beside):
+        yield pa.RecordBatch.from_arrays([rows.column("row_id"), rows.column("value"), beside.column("half")],
+                                         names=["row_id", "value", "half"])
+
+    schema = "row_id long, value long, half long"
+    read_back = tables.map_aligned(spark, source, ["row_id", "value"], aligned_uri, pair_up, schema, odd_rows).collect()
+    assert sorted((r["row_id"], r["value"], r["half"]) for r in read_back) == [(i, 3 * i, i) for i in range(1, 3000, 2)]
+    # Read with another prepare step, the rows no longer line up: the task fails, naming the table.
+    def even_rows(batches):
+        for batch in batches:
+            yield batch.filter(pa.array(batch.column("row_id").to_numpy() % 2 == 0))
+
+    with pytest.raises(Exception, match="not aligned"):
+        tables.map_aligned(spark, source, ["row_id", "value"], aligned_uri, pair_up, schema, even_rows).collect()
+    # The source rewritten since: its parts are not the ones the aligned table was made from.
+    source = rows_table(1)
+    with pytest.raises(ValueError, match="was written from other parts"):
+        tables.map_aligned(spark, source, ["row_id", "value"], aligned_uri, pair_up, schema, odd_rows)
 
 
 @pytest.mark.parametrize("member_count", [None, "exact"])
