@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import kernels, read, storage
@@ -283,7 +284,8 @@ def bucket_sizes(assigned: DataFrame, width: int) -> dict[int, int]:
             yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(counts)], names=["bucket_id", "rows"])
 
     counted = assigned.select("buckets").mapInArrow(count, "bucket_id int, rows long")
-    return {int(r["bucket_id"]): int(r["sum(rows)"]) for r in counted.groupBy("bucket_id").sum("rows").collect()}
+    totals = counted.groupBy("bucket_id").agg(F.sum("rows").alias("rows")).collect()
+    return {int(r["bucket_id"]): int(r["rows"]) for r in totals}
 
 
 @dataclass(frozen=True)
@@ -349,6 +351,8 @@ def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch,
     def route_batch(rows: pa.RecordBatch, assigned: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
         slots = binary_matrix(assigned.column("buckets"), width, "int32")
         row_index, bucket = joined_buckets(slots)
+        # Its own hash stream (seed: training sample, seed + 1: recall probes), so blocks are not
+        # correlated with which rows were sampled.
         block = (kernels.sample_hash(rows.column("row_id").to_numpy()[row_index], seed + 2)
                  * blocks_of[bucket]).astype(np.int64)
         flat_block = first_block[bucket] + block
