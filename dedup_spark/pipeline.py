@@ -396,7 +396,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
 
 def publish(config: JobConfig, staged_uri: str) -> list[str]:
-    """Move the staged files into the output, then write _SUCCESS listing them.
+    """Move the staged files into the output, then write _SUCCESS listing them, then drop the
+    stage markers (their results have left the work prefix).
 
     The list of files is recorded first, so a publish interrupted half-way is
     completed by the rerun (files already moved are found at their target).
@@ -422,4 +423,8 @@ def publish(config: JobConfig, staged_uri: str) -> list[str]:
             raise OutputError(f"cannot publish {relative}: missing from the staging area and the output")
     storage.write_json(storage.join(output, SUCCESS), {"files": sorted(relatives)})
     storage.delete_tree(plan_uri)
+    # The staged results now live in the output, so a kept work prefix (run.keep_work) must not offer
+    # its stages for reuse: a rerun with --overwrite would reuse all of them, clear the output and
+    # publish an empty staging area.
+    storage.delete_tree(storage.join(config.work_uri, "stages"))
     return relatives

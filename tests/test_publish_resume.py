@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -100,3 +101,19 @@ def test_refuses_to_replace_a_published_output_without_overwrite(spark, tmp_path
     report = run_job(spark, root, out, bucketing__k=1, output__overwrite=True)
     assert report["accounting"]["balanced"] and not (out / "stale.txt").exists()
     assert (out / "_SUCCESS").exists()
+
+
+def test_a_kept_work_prefix_is_not_reused_once_its_results_are_published(spark, tmp_path):
+    # Publishing moves the staged outputs out of the work prefix, so its stage markers would
+    # claim results that are no longer there: a rerun with --overwrite must recompute them.
+    sample, root = make_sample(tmp_path, rows=500, dim=16)
+    out = tmp_path / "out"
+    first = run_job(spark, root, out, bucketing__k=1, run__keep_work=True)
+    assert (out / "_work" / "read").exists()
+    kept = tmp_path / "first"
+    shutil.copytree(out, kept, ignore=shutil.ignore_patterns("_work"))
+    again = run_job(spark, root, out, bucketing__k=1, run__keep_work=True, output__overwrite=True)
+    assert again["stages_reused"] == []
+    assert len(published(out)) == len(published(kept))
+    same_outputs(kept, out)
+    assert again["accounting"] == first["accounting"]
