@@ -156,7 +156,6 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         raise InputError(f"{read_result['rejected_rows']} of {manifest.rows} input rows were rejected "
                          f"({read_result['rejected_rows'] / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
                          f"{read_result['reasons']}; see {storage.join(work, 'publish', 'rejected')}")
-    rows = tables.read_table(spark, rows_uri)
     valid = valid_rows(spark, rows_uri)
     valid_count = read_result["valid_rows"]
     stored_sample = read.StoredSample.from_dict(read_result["sample"])
@@ -328,10 +327,12 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
     def write_stage() -> dict[str, Any]:
         duplicates = tables.read_table(spark, duplicates_uri, ["row_id", "is_kept"])
-        positions = rows.select("row_id", "shard_id", "shard_row")
+        # Only the position columns are read: the rows table's embeddings are most of its bytes, and
+        # a projection cannot reach into the Python tasks that read it.
+        positions = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row"])
         removed = duplicates.where(~F.col("is_kept")).select("row_id").join(positions, "row_id")
         drops = removed.select("shard_id", "shard_row").unionByName(
-            rows.where(F.col("reject_reason").isNotNull()).select("shard_id", "shard_row"))
+            tables.read_table(spark, storage.join(staged, "rejected"), ["shard_id", "shard_row"]))
         dedup_uri = storage.join(staged, "dedup")
         merged = None
         if (group_result["captions"] or {}).get("merged_rows") is not None:
