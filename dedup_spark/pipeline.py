@@ -397,11 +397,13 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
 
 def publish(config: JobConfig, staged_uri: str) -> list[str]:
-    """Move the staged files into the output, then write _SUCCESS listing them, then drop the
-    stage markers (their results have left the work prefix).
+    """Move the staged files into the output, then write _SUCCESS listing them.
 
     The list of files is recorded first, so a publish interrupted half-way is
     completed by the rerun (files already moved are found at their target).
+    A work prefix that is kept (run.keep_work) has its staged files copied
+    instead: its stage records stay true, so a later run that reuses them
+    (another output, --overwrite) publishes them whole.
     """
     output = config.output.uri
     plan_uri = storage.join(config.work_uri, "publish_plan.json")
@@ -419,13 +421,9 @@ def publish(config: JobConfig, staged_uri: str) -> list[str]:
     for relative in relatives:
         source, target = storage.join(staged_uri, relative), storage.join(output, relative)
         if storage.exists(source):
-            storage.move(source, target)
+            (storage.copy if config.run.keep_work else storage.move)(source, target)
         elif not storage.exists(target):
             raise OutputError(f"cannot publish {relative}: missing from the staging area and the output")
     storage.write_json(storage.join(output, SUCCESS), {"files": sorted(relatives)})
     storage.delete_tree(plan_uri)
-    # The staged results now live in the output, so a kept work prefix (run.keep_work) must not offer
-    # its stages for reuse: a rerun with --overwrite would reuse all of them, clear the output and
-    # publish an empty staging area.
-    storage.delete_tree(storage.join(config.work_uri, "stages"))
     return relatives

@@ -275,6 +275,18 @@ def move(source: str, target: str) -> None:
     retrying(move_once, uri=source)
 
 
+def copy(source: str, target: str) -> None:
+    """Copy one file (server-side on object stores)."""
+    filesystem, source_path = resolve(source)
+    _, target_path = resolve(target)
+
+    def copy_once() -> None:
+        filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        filesystem.copy_file(source_path, target_path)
+
+    retrying(copy_once, uri=source)
+
+
 def open_output(uri: str):
     """A writable stream; parent directories are created as needed."""
     filesystem, path = resolve(uri)
