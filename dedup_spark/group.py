@@ -171,11 +171,13 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
     """Every member of every group with its group size, keep flag and similarity to the kept row,
     and, given ``captions`` (row_id, caption), its caption's estimated similarity to the kept row's.
 
-    Members meet their embeddings (and captions) in one join; they are then arranged by group
-    with the kept row first, and a task streams through them holding only the current group's
-    kept embedding and caption signature, so a giant group costs no memory and nothing is
-    shuffled twice (a second join on kept_row_id). Caption signatures are MinHash values
-    (``minhash.signatures``) computed in the stream; caption_group is left null here.
+    Members meet their embeddings in one join and their captions in another; both are then sent
+    to their group in one shuffle, arranged with the kept row first (a member's caption row right
+    after its embedding row, merged in the stream), and a task streams through them holding only
+    the current group's kept embedding and caption signature, so a giant group costs no memory
+    and nothing is shuffled twice (a second join on kept_row_id, or on row_id for the captions).
+    Caption signatures are MinHash values (``minhash.signatures``) computed in the stream;
+    caption_group is left null here.
 
     ``member_count`` (from ``connected_components``), when at most BROADCAST_MEMBERS: the members
     are broadcast to the tasks scanning ``rows``, so only members' embeddings are shuffled, not
@@ -186,29 +188,28 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
                .select("row_id", "group_id", "group_size", (F.col("row_id") == F.col("kept_row_id")).alias("is_kept")))
     columns = ["row_id", "group_id", "group_size", "is_kept", "embedding"]
     with_captions = captions is not None  # the task closure must not hold the DataFrame
-    caption_column = None if captions is None else captions.select("row_id", F.col("caption").cast("string"))
     if member_count is not None and member_count <= BROADCAST_MEMBERS:
         # Few members: every task scanning the rows holds them all, so only the members'
         # embeddings are shuffled (once, to their group), not every row's to meet them.
         flagged = F.broadcast(flagged)
         with_embeddings = rows.select("row_id", "embedding").join(flagged, "row_id")
-        if with_captions:
-            member_captions = caption_column.join(F.broadcast(flagged.select("row_id")), "row_id")
-            with_embeddings = with_embeddings.join(member_captions, "row_id", "left")
     else:
-        if with_captions:
-            # Captions join the members before the embeddings do, so the 1.5 KB rows are shuffled
-            # once for the join and once to their group, not a third time to meet their captions.
-            flagged = flagged.join(caption_column, "row_id", "left")
         with_embeddings = flagged.join(rows.select("row_id", "embedding"), "row_id")
+    order = ["group_id", F.desc("is_kept"), "row_id"]
     if with_captions:
+        # A member's caption travels as a row of its own beside its embedding's and the two are merged
+        # in the group-sorted stream (_merge_captions): captions and embeddings go to their group in one
+        # shuffle, where a join on row_id first would shuffle the members' embeddings twice.
+        member_captions = captions.select("row_id", F.col("caption").cast("string")).join(flagged, "row_id")
+        with_embeddings = with_embeddings.withColumn("caption", F.lit(None).cast("string")).unionByName(
+            member_captions.withColumn("embedding", F.lit(None).cast("binary")))
         columns.append("caption")
-    arranged = (with_embeddings.repartition("group_id").sortWithinPartitions("group_id", F.desc("is_kept"), "row_id")
-                .select(*columns))
+        order.append(F.col("embedding").isNull())  # a member's embedding row, then its caption row
+    arranged = with_embeddings.repartition("group_id").sortWithinPartitions(*order).select(*columns)
 
     def similarity(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         carried_group = carried_embedding = carried_signature = None
-        for batch in batches:
+        for batch in _merge_captions(batches) if with_captions else batches:
             if batch.num_rows == 0:
                 continue
             own = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
@@ -244,3 +245,41 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
                 names=DUPLICATES_SCHEMA.names)
 
     return arranged.mapInArrow(similarity, DUPLICATES_SCHEMA)
+
+
+def _merge_captions(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    """One row per member from a stream where each member's row with its embedding is followed by
+    the row with its caption (if it has one): ``caption`` moves onto the embedding's row. The rows of
+    the last member of a batch are held back until the next, which may hold its caption."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            batch = pa.concat_batches([held, batch])
+        if batch.num_rows == 0:
+            continue
+        row_ids = batch.column("row_id").to_numpy()
+        # A member's rows are adjacent: hold back those of the batch's last member.
+        cut = batch.num_rows - 1
+        while cut > 0 and row_ids[cut - 1] == row_ids[-1]:
+            cut -= 1
+        held = batch.slice(cut)
+        if cut:
+            yield _merged(batch.slice(0, cut))
+    if held is not None and held.num_rows:
+        yield _merged(held)
+
+
+def _merged(batch: pa.RecordBatch) -> pa.RecordBatch:
+    row_ids = batch.column("row_id").to_numpy()
+    has_embedding = batch.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+    lead = np.flatnonzero(has_embedding)
+    follows = np.flatnonzero(~has_embedding)
+    # Every caption row comes right after its member's embedding row.
+    if follows.size and (follows[0] == 0 or not np.array_equal(row_ids[follows - 1], row_ids[follows])
+                         or not has_embedding[follows - 1].all()):
+        raise RuntimeError("a member's caption arrived without its embedding")
+    caption_at = np.full(lead.size, -1, dtype=np.int64)
+    caption_at[np.searchsorted(lead, follows - 1)] = follows
+    captions = batch.column("caption").take(pa.array(caption_at, mask=caption_at < 0))
+    base = batch.take(pa.array(lead))
+    return base.set_column(base.schema.get_field_index("caption"), "caption", captions)

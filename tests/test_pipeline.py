@@ -233,6 +233,8 @@ def test_duplicates_table_with_and_without_broadcast_members(spark, member_count
     kept = choose_kept(members, None, config)
     # Spark would broadcast these small test tables by itself; the member count alone decides here.
     spark.conf.set("spark.sql.autoBroadcastJoinThreshold", "-1")
+    # Batches of 7 rows: a member's embedding and caption rows, and a group, often span two batches.
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
     try:
         duplicates = duplicates_table(members, kept, rows_df, dim, captions_df, config.captions,
                                       None if member_count is None else len(group_of))
@@ -241,6 +243,7 @@ def test_duplicates_table_with_and_without_broadcast_members(spark, member_count
         result = duplicates.toPandas().sort_values("row_id")
     finally:
         spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
+        spark.conf.unset("spark.sql.execution.arrow.maxRecordsPerBatch")
     assert result["row_id"].tolist() == sorted(group_of)
     ids, group_ids = result["row_id"].to_numpy(), result["group_id"].to_numpy()
     assert group_ids.tolist() == [group_of[row] for row in ids]
