@@ -308,3 +308,25 @@ def test_parquet_on_s3_on_a_standalone_cluster(s3_endpoint, s3_parquet, standalo
     assert executor_logs, "no executor ran on the standalone worker"
     logs = [p.read_text(errors="replace") for p in executor_logs + list((cluster_dir / "cluster-logs").glob("*.log"))]
     assert_no_credentials([result.stdout, result.stderr, *logs], files)
+
+
+def test_copy_and_move_on_s3(s3_endpoint, monkeypatch):
+    """Publishing moves staged files, or copies them when the work prefix is kept (run.keep_work)."""
+    from dedup_spark import storage
+
+    env, client = s3_endpoint
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage._filesystem.cache_clear()
+    try:
+        payload = os.urandom(3 << 20)  # above one multipart chunk of some SDKs
+        source = f"s3://{BUCKET}/copy-move/staged/part-0.parquet"
+        storage.write_bytes(source, payload)
+        storage.copy(source, f"s3://{BUCKET}/copy-move/out/copied.parquet")
+        assert storage.read_bytes(source) == payload, "a copy keeps its source"
+        assert storage.read_bytes(f"s3://{BUCKET}/copy-move/out/copied.parquet") == payload
+        storage.move(source, f"s3://{BUCKET}/copy-move/out/moved.parquet")
+        assert not storage.exists(source), "a move removes its source"
+        assert storage.read_bytes(f"s3://{BUCKET}/copy-move/out/moved.parquet") == payload
+    finally:
+        storage._filesystem.cache_clear()
