@@ -119,6 +119,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     # Checked before any work: a caption policy that cannot apply fails here.
     caption_name = captions.caption_column([] if input_columns is None else input_columns.names, config)
     rows_uri = storage.join(work, "read")
+    # Published, and read back by the write stage for the rejected rows' positions.
+    rejected_uri = storage.join(staged, "rejected")
 
     def read_stage() -> dict[str, Any]:
         # The training sample and the recall probes are drawn while the rows are written, at
@@ -132,7 +134,6 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
-        rejected_uri = storage.join(staged, "rejected")
         shard_names = spark.createDataFrame([(s.shard_id, s.relative[0]) for s in manifest.shards], "shard_id int, shard string")
         tables.write_table(rejected_cols.where(F.col("reject_reason").isNotNull())
                            .join(F.broadcast(shard_names), "shard_id")
@@ -155,7 +156,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     if read_result["rejected_rows"] > limit * manifest.rows:
         raise InputError(f"{read_result['rejected_rows']} of {manifest.rows} input rows were rejected "
                          f"({read_result['rejected_rows'] / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
-                         f"{read_result['reasons']}; see {storage.join(work, 'publish', 'rejected')}")
+                         f"{read_result['reasons']}; see {rejected_uri}")
     valid = valid_rows(spark, rows_uri)
     valid_count = read_result["valid_rows"]
     stored_sample = read.StoredSample.from_dict(read_result["sample"])
@@ -332,7 +333,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         positions = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row"])
         removed = duplicates.where(~F.col("is_kept")).select("row_id").join(positions, "row_id")
         drops = removed.select("shard_id", "shard_row").unionByName(
-            tables.read_table(spark, storage.join(staged, "rejected"), ["shard_id", "shard_row"]))
+            tables.read_table(spark, rejected_uri, ["shard_id", "shard_row"]))
         dedup_uri = storage.join(staged, "dedup")
         merged = None
         if (group_result["captions"] or {}).get("merged_rows") is not None:
