@@ -59,3 +59,19 @@ def test_cli_reports_configuration_errors_in_one_line(tmp_path):
                              "--output", str(tmp_path / "o"), "--set", "bucketing.m=0"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "bucketing.m must be >= 1" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_k_means_sample_capped_below_points_per_centroid_is_named_only_when_the_cap_binds():
+    from dedup_spark import bucket
+
+    defaults = config.JobConfig()
+    # 1M rows: K=1,414 and 64 x K = 90,496 rows fit under max_train_rows.
+    assert bucket.starved_training(1_000_000, defaults) is None
+    # Few rows: the data, not the cap, limits the sample; nothing to raise.
+    assert bucket.starved_training(2_000, defaults) is None
+    laion = bucket.starved_training(2_300_000_000, defaults)
+    k = bucket.choose_k(2_300_000_000, defaults)
+    assert laion is not None and f"K={k:,}" in laion and f"{262_144 / k:.1f} per centroid" in laion
+    raised = config.load(None, {"bucketing.max_train_rows": 64 * k})
+    assert bucket.starved_training(2_300_000_000, raised) is None
+    assert bucket.starved_training(2_300_000_000, config.load(None, {"bucketing.method": "lsh"})) is None
