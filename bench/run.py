@@ -30,6 +30,8 @@ from dedup_spark.pipeline import run  # noqa: E402
 from dedup_spark.sample import SampleSpec, generate, write  # noqa: E402
 
 THRESHOLD = 0.95
+# bucketing.rounds tried, in order, when the job's recall on the MLlib subsample is below MLlib's.
+MATCHING_ROUNDS = (2, 3)
 
 
 def sgemm_peak_gflops(size: int = 4096, repeats: int = 3) -> float:
@@ -199,16 +201,29 @@ def main() -> int:
     # MLlib LSH on a subsample, and the job on the same subsample.
     sub_truth, _ = exhaustive_pairs(sub_stored, THRESHOLD) if not args.skip_mllib else (set(), 0.0)
     if not args.skip_mllib:
-        sub_report, sub_seconds = run_job(spark, sub_root, data / "out-sub", **{"output.pairs": "all"})
-        sub_found = read_pairs(data / "out-sub")
+        def sub_job(settings: dict) -> dict:
+            _, sub_seconds = run_job(spark, sub_root, data / "out-sub", **{"output.pairs": "all", **settings})
+            sub_found = read_pairs(data / "out-sub")
+            return {"settings": settings, "seconds": round(sub_seconds, 2),
+                    "recall": round(len(sub_found & sub_truth) / max(1, len(sub_truth)), 4)}
+
+        runs = [sub_job({})]
         lsh = mllib_lsh(spark, sub_stored, THRESHOLD, sub_truth, args.mllib_budget)
-        job_recall = round(len(sub_found & sub_truth) / max(1, len(sub_truth)), 4)
         # Fair: the fastest MLlib setting whose recall is at least the job's (else its best recall).
-        fair = [r for r in lsh if r["recall"] >= job_recall] or [max(lsh, key=lambda r: r["recall"])]
+        fair = [r for r in lsh if r["recall"] >= runs[0]["recall"]] or [max(lsh, key=lambda r: r["recall"])]
         best = min(fair, key=lambda r: r["seconds"])
-        result["mllib_lsh"] = {"rows": sub_rows, "grid": lsh, "chosen": best, "job_seconds": round(sub_seconds, 2),
-                               "job_recall": round(job_recall, 4),
-                               "speedup_of_job": round(best["seconds"] / sub_seconds, 2)}
+        # The target asks for the job at equal or better recall: below MLlib's, the job runs again with
+        # more bucketings (each never loses a pair) until it is not below.
+        for rounds in MATCHING_ROUNDS:
+            if runs[-1]["recall"] >= best["recall"]:
+                break
+            runs.append(sub_job({"bucketing.rounds": rounds}))
+        matched = runs[-1]
+        result["mllib_lsh"] = {"rows": sub_rows, "grid": lsh, "chosen": best, "job_runs": runs,
+                               "job_settings": matched["settings"], "job_seconds": matched["seconds"],
+                               "job_recall": matched["recall"],
+                               "speedup_of_job": round(best["seconds"] / matched["seconds"], 2),
+                               "speedup_of_job_at_defaults": round(best["seconds"] / runs[0]["seconds"], 2)}
 
     if not args.skip_bucketings:
         # Ways to catch border pairs, on the same data: recall against the exhaustive search, and time.
@@ -287,7 +302,9 @@ def markdown(result: dict) -> str:
     lsh = result.get("mllib_lsh")
     if lsh:
         lines.append(f"| vs MLlib BRP-LSH on {lsh['rows']:,} rows ({lsh['chosen']}) | {lsh['speedup_of_job']}× faster, "
-                     f"job recall {lsh['job_recall']} vs {lsh['chosen']['recall']} | ≥ 100× at ≥ recall |")
+                     f"job recall {lsh['job_recall']} ({lsh['job_settings'] or 'defaults'}) vs {lsh['chosen']['recall']}; "
+                     f"at defaults {lsh['speedup_of_job_at_defaults']}×, recall {lsh['job_runs'][0]['recall']} "
+                     f"| ≥ 100× at ≥ recall |")
     if "growth" in result:
         lines.append(f"| time(4N) / time(N) | {result['growth']['ratio_4n_over_n']} | ≤ 4.6 |")
     lines += ["", "Stage seconds: " + ", ".join(f"{k} {v}" for k, v in job["stages"].items()), ""]
