@@ -362,6 +362,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                       "margin": model.margin,
                       "buckets_per_row": round(assign_result["rows"] / valid_count, 4) if valid_count else 0.0,
                       "train_rows": model.train_rows, "assign": model.assign,
+                      # Also logged at train: set when max_train_rows starved the k-means sample.
+                      "training_warning": bucket.starved_training(valid_count, config),
                       "k_source": "config" if config.bucketing.k else "cost model",
                       "assigned_rows": assign_result["rows"],
                       "bucket_sizes": report.size_stats(list(bucket_sizes.values())),

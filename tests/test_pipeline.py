@@ -70,6 +70,7 @@ def test_default_settings_recall_and_precision(spark, medium, tmp_path):
     closed = sum(1 for a, b in true if a in groups and groups.get(a) == groups.get(b))
     assert closed / len(true) >= recall
     assert report["bucketing"]["k"] > 1 and report["bucketing"]["m"] == 2
+    assert report["bucketing"]["training_warning"] is None  # the sample holds points_per_centroid per centroid
 
 
 def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_path):
