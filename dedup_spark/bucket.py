@@ -159,8 +159,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
         storage.write_npy(storage.join(model_uri, "lsh_planes.npy"), planes)
         model = BucketModel("lsh", 1 << bits, min(config.bucketing.m, bits + 1), rounds, "lsh", len(sample))
     else:
-        if valid_rows == 0 or k == 1 or config.bucketing.m >= k:
-            # Every row goes to every bucket anyway: no training needed.
+        if not _trains_centroids(valid_rows, k, config):
             centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
         else:
             starved = starved_training(valid_rows, config)
@@ -188,10 +187,16 @@ def training_target(valid_rows: int, config: JobConfig) -> int:
     return int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
 
 
+def _trains_centroids(valid_rows: int, k: int, config: JobConfig) -> bool:
+    """Whether k-means trains at all: with one bucket, or m >= K, every row goes to every bucket anyway."""
+    return config.bucketing.method == "kmeans" and valid_rows > 0 and k > 1 and config.bucketing.m < k
+
+
 def starved_training(valid_rows: int, config: JobConfig) -> str | None:
     """Why the k-means sample is too small to train K centroids well, or None.
 
-    Only when ``max_train_rows`` cuts the sample below ``points_per_centroid`` per
+    Only when k-means trains (the report asks whether or not it did) and
+    ``max_train_rows`` cuts the sample below ``points_per_centroid`` per
     centroid (not when the data itself has fewer rows). On the 1M bench rows
     (K=1,414, pairs of the first 100k rows against exhaustive search, two samples
     each), pairs not sharing a bucket and in-bucket comparisons were: 64 points
@@ -200,7 +205,7 @@ def starved_training(valid_rows: int, config: JobConfig) -> str | None:
     k = choose_k(max(1, valid_rows), config)
     wanted = min(valid_rows, k * config.bucketing.points_per_centroid)
     target = training_target(valid_rows, config)
-    if config.bucketing.method != "kmeans" or target >= wanted:
+    if not _trains_centroids(valid_rows, k, config) or target >= wanted:
         return None
     return (f"bucketing.max_train_rows caps the k-means sample at {target:,} rows, {target / k:.1f} per centroid for "
             f"K={k:,} instead of points_per_centroid={config.bucketing.points_per_centroid}: expect uneven buckets "

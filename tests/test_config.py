@@ -75,3 +75,7 @@ def test_a_k_means_sample_capped_below_points_per_centroid_is_named_only_when_th
     raised = config.load(None, {"bucketing.max_train_rows": 64 * k})
     assert bucket.starved_training(2_300_000_000, raised) is None
     assert bucket.starved_training(2_300_000_000, config.load(None, {"bucketing.method": "lsh"})) is None
+    # One bucket (or m >= K): nothing is trained, so nothing is starved, whatever the cap.
+    one_bucket = config.load(None, {"bucketing.k": 1, "bucketing.max_train_rows": 10})
+    assert bucket.starved_training(1_000_000, one_bucket) is None
+    assert bucket.starved_training(1_000_000, config.load(None, {"bucketing.k": 100, "bucketing.max_train_rows": 10}))
