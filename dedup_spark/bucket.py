@@ -24,7 +24,7 @@ from pyspark.sql import types as T
 
 from dedup_spark import kernels, read, storage
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.tables import BatchTransform, binary_matrix, packed_binary
+from dedup_spark.tables import BatchTransform, binary_matrix, packed_binary, stream_groups
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,10 @@ class BucketModel:
     # k-means: bucketing.margin, the fraction of the distance of a pair at the threshold from
     # a border within which a row also joins its 2nd..m-th nearest buckets; None: always.
     margin: float | None = None
+    # k-means: flat or two_level (training_method); for two_level, train_rows counts the coarse
+    # sample on the driver and cell_train_rows the rows the cells' tasks trained on.
+    training: str = "flat"
+    cell_train_rows: int = 0
     # Unique per training: Python workers cache the loaded model by (URI, model_id), so a new
     # model written to the same URI (a rerun into the same output) is never mistaken for the old.
     model_id: str = ""
@@ -134,12 +138,13 @@ def rounds_for(config: JobConfig) -> int:
 
 
 def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config: JobConfig, model_uri: str,
-          stored: read.StoredSample | None = None) -> BucketModel:
+          stored: read.StoredSample | None = None, stored_cells: read.StoredSample | None = None) -> BucketModel:
     """Learn the bucketing on a bounded sample collected to the driver and store it under ``model_uri``.
 
     k-means: ``rounds`` spherical k-means runs (seeds seed, seed+1, ...) on one
-    sample. LSH: ``rounds`` tables of log2(K) random hyperplanes through the
-    sample's mean. The sample is read from ``stored`` (drawn by the read stage) when it holds it.
+    sample, flat or two-level (``training_method``). LSH: ``rounds`` tables of
+    log2(K) random hyperplanes through the sample's mean. The samples are read
+    from ``stored`` / ``stored_cells`` (drawn by the read stage) when they hold them.
     """
     import faiss
 
@@ -159,6 +164,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
         storage.write_npy(storage.join(model_uri, "lsh_planes.npy"), planes)
         model = BucketModel("lsh", 1 << bits, min(config.bucketing.m, bits + 1), rounds, "lsh", len(sample))
     else:
+        training, cell_rows = "flat", 0
         if not _trains_centroids(valid_rows, k, config):
             centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
         else:
@@ -166,16 +172,28 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             if starved:
                 log.warning(starved)
             sample = _training_sample(spark, rows_uri, valid_rows, dim, config, stored)
-            centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations, config.bucketing.seed + r)
-                         for r in range(rounds)]
-        k = int(centroids[0].shape[0])
-        m = min(config.bucketing.m, k)
+            training = training_method(valid_rows, config)
+            if training == "two_level":
+                drawn = cell_fraction(valid_rows, config)
+                cells = read.sampled_rows(spark, rows_uri, drawn, config.bucketing.seed + 3, stored_cells)
+                trained = [_train_two_level(cells, drawn, sample, k, dim, config, config.bucketing.seed + r)
+                           for r in range(rounds)]
+                centroids = [c for c, _ in trained]
+                cell_rows = max(rows for _, rows in trained)
+            else:
+                centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations,
+                                                     config.bucketing.seed + r) for r in range(rounds)]
+        # Two-level rounds may come out a few centroids apart (a cell with fewer sampled rows than its
+        # share): the shorter ones are padded with zero rows, ids no quantizer ever returns.
+        k = max(len(c) for c in centroids)
+        padded = [np.concatenate([c, np.zeros((k - len(c), dim), np.float32)]) for c in centroids]
+        m = min(config.bucketing.m, min(len(c) for c in centroids))
         kind = quantizer_kind(k, config)
         for r, round_centroids in enumerate(centroids):
             index = kernels.build_quantizer(round_centroids, kind, m)
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
-        storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(centroids))
-        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), config.bucketing.margin)
+        storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(padded))
+        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), config.bucketing.margin, training, cell_rows)
     model = dataclasses.replace(model, model_id=uuid.uuid4().hex)
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model
@@ -192,6 +210,117 @@ def _trains_centroids(valid_rows: int, k: int, config: JobConfig) -> bool:
     return config.bucketing.method == "kmeans" and valid_rows > 0 and k > 1 and config.bucketing.m < k
 
 
+def training_method(valid_rows: int, config: JobConfig) -> str:
+    """How the k-means centroids are trained: bucketing.training, or auto: two_level exactly when
+    max_train_rows would starve a flat sample (``starved_training``), else flat.
+
+    flat: one k-means of K centroids on the driver sample, iterations x sample x K x d
+    multiply-adds, so K * points_per_centroid rows stop fitting the driver near K = 4,096.
+    two_level: sqrt(K) coarse centroids on the driver sample, then each coarse cell's share
+    of the K centroids trained in a Spark task on points_per_centroid of the cell's rows per
+    centroid, drawn by the read stage (``cell_fraction``): K * points_per_centroid rows over
+    the tasks, K^1.5 * d * points_per_centroid * iterations in all. On the 1M bench rows
+    (K=1,414, m=2) it left 0.66% of the pairs sharing no bucket against flat's 0.11% at the
+    same sample, and 0.73% for flat starved to 4 rows a centroid, with fewer comparisons than
+    either (docs/SCALING.md).
+    """
+    if config.bucketing.method != "kmeans":
+        return "flat"
+    if config.bucketing.training != "auto":
+        return config.bucketing.training
+    return "two_level" if _flat_shortfall(valid_rows, config) else "flat"
+
+
+def _flat_shortfall(valid_rows: int, config: JobConfig) -> tuple[int, int, int] | None:
+    """(K, flat sample rows, wanted rows) when max_train_rows cuts the flat k-means sample below
+    points_per_centroid per centroid while k-means trains at all; None otherwise."""
+    k, wanted = _wanted_rows(valid_rows, config)
+    target = training_target(valid_rows, config)
+    if not _trains_centroids(valid_rows, k, config) or target >= wanted:
+        return None
+    return k, target, wanted
+
+
+def _wanted_rows(valid_rows: int, config: JobConfig) -> tuple[int, int]:
+    """(K, rows for points_per_centroid a centroid, at most every row)."""
+    k = choose_k(max(1, valid_rows), config)
+    return k, min(valid_rows, k * config.bucketing.points_per_centroid)
+
+
+def cell_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = None) -> float:
+    """two_level: the Bernoulli fraction (seed + 3) of ``drawn_from`` rows (default ``valid_rows``)
+    that draws 1.3 x points_per_centroid rows per centroid for the cells' tasks; 0 for flat."""
+    if training_method(valid_rows, config) != "two_level":
+        return 0.0
+    _, wanted = _wanted_rows(valid_rows, config)
+    return min(1.0, 1.3 * wanted / max(1, valid_rows if drawn_from is None else drawn_from))
+
+
+CELL_CENTROIDS_SCHEMA = T.StructType([
+    T.StructField("cell", T.IntegerType(), False),
+    T.StructField("position", T.IntegerType(), False),
+    T.StructField("rows", T.LongType(), False),
+    T.StructField("centroid", T.BinaryType(), False),
+])
+
+
+def _train_two_level(cells_sample: DataFrame, drawn: float, sample: np.ndarray, k: int, dim: int,
+                     config: JobConfig, seed: int) -> tuple[np.ndarray, int]:
+    """K centroids (at most; see ``kernels.allocate_centroids``) by two-level k-means: coarse cells
+    on the driver ``sample``, each cell's centroids in a Spark task on its rows of ``cells_sample``
+    (the rows whose seed + 3 ``sample_hash`` is below ``drawn``). Only the coarse centroids go to
+    the tasks and only the K centroids come back, with the rows the cells trained on."""
+    iterations, per_centroid = config.bucketing.kmeans_iterations, config.bucketing.points_per_centroid
+    coarse_k = max(2, round(math.sqrt(k)))
+    coarse = kernels.train_centroids(sample, coarse_k, iterations, seed)
+    coarse_k = len(coarse)
+    counts = np.bincount(kernels.assign_buckets(sample, coarse, 1)[:, 0], minlength=coarse_k)
+    per_cell = kernels.allocate_centroids(counts, k)
+    # A cell's task keeps per_centroid rows a centroid, at most max_train_rows (a cell holding a
+    # large share of the data trains starved rather than overflow its task).
+    wanted = np.minimum(per_cell * per_centroid, config.bucketing.max_train_rows)
+    keep = np.where(per_cell > 0, wanted / np.maximum(1, per_cell * per_centroid), 0.0)
+    starved = int(np.count_nonzero(wanted < per_cell * per_centroid))
+    if starved:
+        log.warning("two-level k-means: %d of %d coarse cells hold more than max_train_rows / points_per_centroid "
+                    "centroids and train on max_train_rows rows", starved, coarse_k)
+    sample_seed = config.bucketing.seed + 3
+
+    def label(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        quantizer = kernels.build_quantizer(coarse, "flat")
+        for batch in batches:
+            embeddings = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
+            cell = kernels.assign_buckets(embeddings, quantizer, 1)[:, 0]
+            # Nested in the draw: a row kept here is one of the cell's smallest sample hashes.
+            kept = kernels.sample_hash(batch.column("row_id").to_numpy(), sample_seed) < drawn * keep[cell]
+            if kept.any():
+                yield pa.RecordBatch.from_arrays([pa.array(cell[kept].astype(np.int32)), batch.column("row_id").filter(kept),
+                                                  batch.column("embedding").filter(kept)], names=["cell", "row_id", "embedding"])
+
+    def train_cell(cell: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
+        cell = int(cell)
+        embeddings = binary_matrix(rows.column("embedding"), dim).astype(np.float32)
+        order = np.argsort(kernels.sample_hash(rows.column("row_id").to_numpy(), sample_seed), kind="stable")
+        centroids = kernels.train_centroids(embeddings[order[: int(wanted[cell])]], int(per_cell[cell]), iterations,
+                                            seed * 1_000_003 + cell + 1)
+        yield pa.RecordBatch.from_arrays([pa.array(np.full(len(centroids), cell, np.int32)),
+                                          pa.array(np.arange(len(centroids), dtype=np.int32)),
+                                          pa.array(np.full(len(centroids), min(len(order), int(wanted[cell])), np.int64)),
+                                          packed_binary(centroids)], names=CELL_CENTROIDS_SCHEMA.names)
+
+    labelled = cells_sample.mapInArrow(label, "cell int, row_id long, embedding binary")
+    trained = stream_groups(labelled, "cell", ["row_id"], max(1, int(np.count_nonzero(per_cell))), train_cell,
+                            CELL_CENTROIDS_SCHEMA).toArrow()
+    cells = trained.column("cell").to_numpy()
+    order = np.lexsort((trained.column("position").to_numpy(), cells))
+    centroids = binary_matrix(trained.column("centroid"), dim, "float32")[order]
+    first = trained.column("position").to_numpy() == 0
+    rows = int(trained.column("rows").to_numpy()[first].sum())
+    log.info("two-level k-means: %d coarse cells on %d driver rows, %d centroids trained on %d rows in %d tasks",
+             coarse_k, len(sample), len(centroids), rows, int(np.count_nonzero(first)))
+    return np.ascontiguousarray(centroids, dtype=np.float32), rows
+
+
 def starved_training(valid_rows: int, config: JobConfig) -> str | None:
     """Why the k-means sample is too small to train K centroids well, or None.
 
@@ -202,16 +331,15 @@ def starved_training(valid_rows: int, config: JobConfig) -> str | None:
     each), pairs not sharing a bucket and in-bucket comparisons were: 64 points
     per centroid 0.11% / 1.63e9, 16 points 1.0% / 2.21e9, 4 points 0.73% / 3.84e9.
     """
-    k = choose_k(max(1, valid_rows), config)
-    wanted = min(valid_rows, k * config.bucketing.points_per_centroid)
-    target = training_target(valid_rows, config)
-    if not _trains_centroids(valid_rows, k, config) or target >= wanted:
+    shortfall = _flat_shortfall(valid_rows, config)
+    if shortfall is None or training_method(valid_rows, config) != "flat":
         return None
+    k, target, wanted = shortfall
     return (f"bucketing.max_train_rows caps the k-means sample at {target:,} rows, {target / k:.1f} per centroid for "
             f"K={k:,} instead of points_per_centroid={config.bucketing.points_per_centroid}: expect uneven buckets "
             f"(more comparisons) and more pairs that share no bucket. Raise bucketing.max_train_rows to {wanted:,} (the "
             f"driver holds the sample as float32, 4 x d bytes a row, and trains on it for iterations x rows x K x d "
-            f"multiply-adds) or set bucketing.k lower")
+            f"multiply-adds), set bucketing.training to auto or two_level, or set bucketing.k lower")
 
 
 def training_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = None) -> float:

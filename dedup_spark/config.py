@@ -69,6 +69,7 @@ class BucketingConfig:
     points_per_centroid: int = 64
     max_train_rows: int = 262144
     kmeans_iterations: int = 10
+    training: str = "auto"
     seed: int = 0
     assign: str = "auto"
     hnsw_min_k: int = 8192
@@ -253,6 +254,7 @@ def validate(config: JobConfig) -> None:
         (config.output.pairs in PAIR_OUTPUTS, f"output.pairs must be one of {PAIR_OUTPUTS}"),
         (config.bucketing.method in BUCKETING_METHODS, f"bucketing.method must be one of {BUCKETING_METHODS}"),
         (config.bucketing.assign in ("auto", "flat", "hnsw"), "bucketing.assign must be auto, flat or hnsw"),
+        (config.bucketing.training in ("auto", "flat", "two_level"), "bucketing.training must be auto, flat or two_level"),
         (config.bucketing.hnsw_min_k >= 1, "bucketing.hnsw_min_k must be >= 1"),
         (config.keep.order in ("max", "min"), "keep.order must be max or min"),
         (config.input.binary_dtype in ("float16", "float32"), "input.binary_dtype must be float16 or float32"),

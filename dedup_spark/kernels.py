@@ -100,6 +100,19 @@ def train_centroids(sample: np.ndarray, k: int, iterations: int, seed: int) -> n
     return np.ascontiguousarray(kmeans.centroids, dtype=np.float32)
 
 
+def allocate_centroids(counts: np.ndarray, k: int) -> np.ndarray:
+    """Centroids per coarse cell for two-level training: proportional to the cell's sampled rows
+    (largest remainder), summing to min(k, rows), never more than a cell's rows, none for an empty cell."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    k = min(int(k), total)
+    share = counts * (k / max(1, total))
+    allocated = np.minimum(np.floor(share).astype(np.int64), counts)
+    remainder = np.where(allocated < counts, share - allocated, -1.0)
+    allocated[np.argsort(-remainder, kind="stable")[: k - int(allocated.sum())]] += 1
+    return allocated
+
+
 def build_quantizer(centroids: np.ndarray, kind: str, m: int = 1):
     """A faiss index over the centroids: exact ("flat") or HNSW ("hnsw").
 

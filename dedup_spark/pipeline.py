@@ -130,7 +130,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         draws = ((bucket.training_fraction(manifest.rows, config, least_valid), config.bucketing.seed),
                  (estimate.probe_fraction(config.estimate.sample_rows, least_valid), config.bucketing.seed + 1))
         sample = read.StoredSample(storage.join(work, "sample"), draws)
-        info = write_rows(spark, manifest, config, rows_uri, sample)  # tasks may fail: see run.fault_task_fraction
+        # Two-level k-means trains its cells in tasks on a larger draw, kept apart from the driver's.
+        cell_draw = bucket.cell_fraction(manifest.rows, config, least_valid)
+        cell_sample = read.StoredSample(storage.join(work, "cell_sample"), ((cell_draw, config.bucketing.seed + 3),))
+        samples = [sample, cell_sample] if cell_draw > 0 else [sample]
+        info = write_rows(spark, manifest, config, rows_uri, samples)  # tasks may fail: see run.fault_task_fraction
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
@@ -148,7 +152,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 raise ConfigError(f"id column {config.input.id_column!r} is not unique, e.g. {[r['row_id'] for r in clash]}")
         rejected = sum(reasons.values())
         return {"rows": info.rows, "valid_rows": info.rows - rejected, "rejected_rows": rejected, "reasons": reasons,
-                "sample": sample.to_dict(),
+                "sample": sample.to_dict(), "cell_sample": cell_sample.to_dict() if cell_draw > 0 else None,
                 "note": f"{len(manifest.shards)} shards, {manifest.format}, d={dim}, {rejected} rejected"}
 
     read_result = stages.run("read", {"manifest": manifest.to_dict(), "input": config.to_dict()["input"]}, read_stage)
@@ -160,16 +164,17 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     valid = valid_rows(spark, rows_uri)
     valid_count = read_result["valid_rows"]
     stored_sample = read.StoredSample.from_dict(read_result["sample"])
+    stored_cells = read.StoredSample.from_dict(read_result["cell_sample"]) if read_result.get("cell_sample") else None
     model_uri = storage.join(staged, "model")
 
     def train_stage() -> dict[str, Any]:
-        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri, stored_sample)
+        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri, stored_sample, stored_cells)
         storage.write_bytes(storage.join(model_uri, "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         storage.write_json(storage.join(model_uri, "manifest.json"), manifest.to_dict())
         return {"rows": model.train_rows, "model": model.to_dict(),
-                "note": f"{model.method}, K={model.buckets_per_round} x {model.rounds} round(s), m={model.m}, "
-                        f"{model.assign} assignment"}
+                "note": f"{model.method} ({model.training}), K={model.buckets_per_round} x {model.rounds} round(s), "
+                        f"m={model.m}, {model.assign} assignment"}
 
     train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
     model = bucket.BucketModel(**train_result["model"])
@@ -361,7 +366,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
                       "margin": model.margin,
                       "buckets_per_row": round(assign_result["rows"] / valid_count, 4) if valid_count else 0.0,
-                      "train_rows": model.train_rows, "assign": model.assign,
+                      "train_rows": model.train_rows, "training": model.training,
+                      "cell_train_rows": model.cell_train_rows, "assign": model.assign,
                       # Also logged at train: set when max_train_rows starved the k-means sample.
                       "training_warning": bucket.starved_training(valid_count, config),
                       "k_source": "config" if config.bucketing.k else "cost model",

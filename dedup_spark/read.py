@@ -422,9 +422,9 @@ class StoredSample:
 
 
 def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: str,
-               sample: StoredSample) -> tables.TableInfo:
+               samples: list[StoredSample]) -> tables.TableInfo:
     """The rows table (ROWS_SCHEMA), decoded and written by the same Python task, one per chunk;
-    the same tasks also write ``sample``'s draws of the accepted rows."""
+    the same tasks also write each of ``samples`` (its draws of the accepted rows, a table of its own)."""
     tasks, decode = _decoding(spark, manifest, config)
 
     def decode_and_draw(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[str, pa.RecordBatch]]:
@@ -432,15 +432,16 @@ def write_rows(spark: SparkSession, manifest: Manifest, config: JobConfig, uri: 
             yield "rows", batch
             for accepted in _valid_batches([batch]):
                 row_ids = accepted.column("row_id").to_numpy()
-                drawn = np.zeros(len(row_ids), dtype=bool)
-                for fraction, seed in sample.draws:
-                    drawn |= kernels.sample_mask(row_ids, fraction, seed)
-                if drawn.any():
-                    yield "sample", accepted.filter(pa.array(drawn))
+                for number, sample in enumerate(samples):
+                    drawn = np.zeros(len(row_ids), dtype=bool)
+                    for fraction, seed in sample.draws:
+                        drawn |= kernels.sample_mask(row_ids, fraction, seed)
+                    if drawn.any():
+                        yield f"sample{number}", accepted.filter(pa.array(drawn))
 
-    written = tables.write_produced_tables(tasks, decode_and_draw, {"rows": (ROWS_SCHEMA, uri),
-                                                                    "sample": (VALID_SCHEMA, sample.uri)})
-    return written["rows"]
+    outputs = {"rows": (ROWS_SCHEMA, uri)} | {f"sample{number}": (VALID_SCHEMA, sample.uri)
+                                              for number, sample in enumerate(samples)}
+    return tables.write_produced_tables(tasks, decode_and_draw, outputs)["rows"]
 
 
 def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tuple[DataFrame, tables.BatchTransform]:
@@ -511,15 +512,24 @@ def sample_valid_rows(spark: SparkSession, rows_uri: str, fraction: float, seed:
         table = tables.read_table_on_driver(stored.uri)
         table = table.filter(pa.array(kernels.sample_mask(table.column("row_id").to_numpy(), fraction, seed)))
     else:
-        def sampled(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-            for batch in batches:
-                keep = kernels.sample_mask(batch.column("row_id").to_numpy(), fraction, seed)
-                if keep.any():
-                    yield batch.filter(pa.array(keep))
-
-        table = valid_rows(spark, rows_uri, sampled).toArrow()
+        table = sampled_rows(spark, rows_uri, fraction, seed).toArrow()
     order = np.argsort(kernels.sample_hash(table.column("row_id").to_numpy(), seed), kind="stable")
     return table.take(pa.array(order[:limit]))
+
+
+def sampled_rows(spark: SparkSession, rows_uri: str, fraction: float, seed: int,
+                 stored: StoredSample | None = None) -> DataFrame:
+    """The same draw as ``sample_valid_rows`` as a DataFrame (row_id, embedding), left in the
+    tasks: for samples too large for the driver. Read from ``stored`` when it holds the draw."""
+    def sampled(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            keep = kernels.sample_mask(batch.column("row_id").to_numpy(), fraction, seed)
+            if keep.any():
+                yield batch.filter(pa.array(keep))
+
+    if stored is not None and stored.covers(fraction, seed):
+        return tables.map_table(spark, stored.uri, VALID_SCHEMA.names, sampled, VALID_SCHEMA)
+    return valid_rows(spark, rows_uri, sampled)
 
 
 def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:

@@ -69,13 +69,22 @@ def test_a_k_means_sample_capped_below_points_per_centroid_is_named_only_when_th
     assert bucket.starved_training(1_000_000, defaults) is None
     # Few rows: the data, not the cap, limits the sample; nothing to raise.
     assert bucket.starved_training(2_000, defaults) is None
-    laion = bucket.starved_training(2_300_000_000, defaults)
+    # LAION: a flat sample would be starved, so auto trains two-level and nothing is starved; the cells'
+    # draw holds points_per_centroid rows a centroid. Asked for flat, the job says what it costs.
+    assert bucket.training_method(2_300_000_000, defaults) == "two_level"
+    assert bucket.starved_training(2_300_000_000, defaults) is None
     k = bucket.choose_k(2_300_000_000, defaults)
+    assert bucket.cell_fraction(2_300_000_000, defaults) == pytest.approx(1.3 * 64 * k / 2_300_000_000)
+    flat = config.load(None, {"bucketing.training": "flat"})
+    laion = bucket.starved_training(2_300_000_000, flat)
     assert laion is not None and f"K={k:,}" in laion and f"{262_144 / k:.1f} per centroid" in laion
-    raised = config.load(None, {"bucketing.max_train_rows": 64 * k})
+    raised = config.load(None, {"bucketing.max_train_rows": 64 * k, "bucketing.training": "flat"})
     assert bucket.starved_training(2_300_000_000, raised) is None
+    assert bucket.training_method(2_300_000_000, config.load(None, {"bucketing.max_train_rows": 64 * k})) == "flat"
+    assert bucket.training_method(1_000_000, defaults) == "flat" and bucket.cell_fraction(1_000_000, defaults) == 0
     assert bucket.starved_training(2_300_000_000, config.load(None, {"bucketing.method": "lsh"})) is None
     # One bucket (or m >= K): nothing is trained, so nothing is starved, whatever the cap.
     one_bucket = config.load(None, {"bucketing.k": 1, "bucketing.max_train_rows": 10})
     assert bucket.starved_training(1_000_000, one_bucket) is None
-    assert bucket.starved_training(1_000_000, config.load(None, {"bucketing.k": 100, "bucketing.max_train_rows": 10}))
+    assert bucket.starved_training(1_000_000, config.load(None, {"bucketing.k": 100, "bucketing.max_train_rows": 10,
+                                                                 "bucketing.training": "flat"}))

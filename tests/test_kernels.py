@@ -188,6 +188,18 @@ def test_train_and_assign_cover_top_m(sample):
     assert np.mean([set(x) == set(y) for x, y in zip(buckets, best)]) > 0.999
 
 
+def test_two_level_allocation_is_proportional_and_sums_to_k():
+    rng = np.random.default_rng(3)
+    for counts, k in ((rng.integers(0, 500, 40), 300), (np.array([1000, 0, 3, 1, 0, 7]), 50),
+                      (np.array([5, 5, 5]), 100), (rng.integers(0, 3, 200), 90)):
+        allocated = kernels.allocate_centroids(counts, k)
+        # Oracle: the exact proportional quota of each cell, from which no cell may be a whole centroid off.
+        quota = counts * min(k, counts.sum()) / counts.sum()
+        assert allocated.sum() == min(k, counts.sum())
+        assert (allocated <= counts).all() and (allocated[counts == 0] == 0).all()
+        assert np.abs(allocated - quota).max() < 1.0, (counts, k, allocated)
+
+
 def test_margin_keeps_a_further_bucket_only_near_its_border(sample):
     stored = normalize(sample.embeddings).astype(np.float32)
     centroids = kernels.train_centroids(stored, 16, 10, 0)

@@ -73,6 +73,25 @@ def test_default_settings_recall_and_precision(spark, medium, tmp_path):
     assert report["bucketing"]["training_warning"] is None  # the sample holds points_per_centroid per centroid
 
 
+def test_two_level_training_replaces_a_starved_flat_sample(spark, medium, tmp_path):
+    sample, root, oracle = medium
+    out = tmp_path / "out"
+    # K=100 at 64 rows a centroid wants 6,400 sample rows; 1,000 would starve one flat k-means, so auto
+    # trains 10 coarse cells on the driver's 1,000 and each cell's share of the K in a task.
+    report = run_job(spark, root, out, bucketing__k=100, bucketing__max_train_rows=1000, bucketing__rounds=2,
+                     output__pairs="all")
+    bucketing = report["bucketing"]
+    assert bucketing["training"] == "two_level" and bucketing["training_warning"] is None
+    assert bucketing["train_rows"] == 1000 and 0.85 * 6400 <= bucketing["cell_train_rows"] <= 6400
+    assert 95 <= bucketing["k"] <= 100
+    found, true = set(output_pairs(out)), set(oracle)
+    assert found <= true and len(found) / len(true) >= 0.99, len(found) / len(true)
+    # Centroids that split the data: compared pairs far below one bucket's, and no bucket a tenth of the rows.
+    rows = len(sample.embeddings)
+    assert report["search"]["comparisons"] < 0.1 * rows * (rows - 1) / 2
+    assert bucketing["bucket_sizes"]["max"] < rows / 10
+
+
 def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_path):
     sample, root, oracle = medium
     out = tmp_path / "out"
@@ -118,7 +137,7 @@ def test_samples_drawn_while_reading_equal_a_scan_of_the_rows(spark, tmp_path):
     manifest = build_manifest(config)
     stored = read.StoredSample(str(tmp_path / "sample"), ((0.2, 5), (0.05, 6)))
     rows_uri = str(tmp_path / "rows")
-    info = read.write_rows(spark, manifest, config, rows_uri, stored)
+    info = read.write_rows(spark, manifest, config, rows_uri, [stored])
     # Both tables are committed from the same tasks: every row once, and exactly the drawn rows.
     assert info.rows == 6000 and tables.table_info(rows_uri).rows == 6000
     drawn = tables.read_table_on_driver(stored.uri)
