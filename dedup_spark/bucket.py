@@ -117,6 +117,8 @@ class BucketModel:
     # sample on the driver and cell_train_rows the rows the cells' tasks trained on.
     training: str = "flat"
     cell_train_rows: int = 0
+    # Trained centroids dropped as near copies of another (bucketing.merge_centroids), over all rounds.
+    merged_centroids: int = 0
     # Unique per training: Python workers cache the loaded model by (URI, model_id), so a new
     # model written to the same URI (a rerun into the same output) is never mistaken for the old.
     model_id: str = ""
@@ -138,13 +140,16 @@ def rounds_for(config: JobConfig) -> int:
 
 
 def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config: JobConfig, model_uri: str,
-          stored: read.StoredSample | None = None, stored_cells: read.StoredSample | None = None) -> BucketModel:
+          stored: read.StoredSample | None = None, stored_cells: read.StoredSample | None = None,
+          threshold: float = 1.0) -> BucketModel:
     """Learn the bucketing on a bounded sample collected to the driver and store it under ``model_uri``.
 
     k-means: ``rounds`` spherical k-means runs (seeds seed, seed+1, ...) on one
     sample, flat or two-level (``training_method``). LSH: ``rounds`` tables of
     log2(K) random hyperplanes through the sample's mean. The samples are read
-    from ``stored`` / ``stored_cells`` (drawn by the read stage) when they hold them.
+    from ``stored`` / ``stored_cells`` (drawn by the read stage) when they hold them. Trained
+    centroids closer than bucketing.merge_centroids x the distance of a pair at ``threshold``
+    are merged (``kernels.merge_close_centroids``).
     """
     import faiss
 
@@ -164,7 +169,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
         storage.write_npy(storage.join(model_uri, "lsh_planes.npy"), planes)
         model = BucketModel("lsh", 1 << bits, min(config.bucketing.m, bits + 1), rounds, "lsh", len(sample))
     else:
-        training, cell_rows = "flat", 0
+        training, cell_rows, merged = "flat", 0, 0
         if not _trains_centroids(valid_rows, k, config):
             centroids = [np.tile(np.eye(1, dim, dtype=np.float32), (k, 1)) for _ in range(rounds)]
         else:
@@ -183,8 +188,17 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             else:
                 centroids = [kernels.train_centroids(sample, k, config.bucketing.kmeans_iterations,
                                                      config.bucketing.seed + r) for r in range(rounds)]
-        # Two-level rounds may come out a few centroids apart (a cell with fewer sampled rows than its
-        # share): the shorter ones are padded with zero rows, ids no quantizer ever returns.
+            if config.bucketing.merge_centroids is not None:
+                # Centroids at distance f * eps, eps^2 = 2 (1 - threshold), have cosine 1 - f^2 (1 - threshold).
+                min_cosine = 1.0 - config.bucketing.merge_centroids ** 2 * (1.0 - threshold)
+                trained_count = sum(len(c) for c in centroids)
+                centroids = [kernels.merge_close_centroids(c, min_cosine, quantizer_kind(len(c), config))
+                             for c in centroids]
+                merged = trained_count - sum(len(c) for c in centroids)
+                log.info("merged %d near-copy centroids (cosine >= %.4f) of %d", merged, min_cosine, trained_count)
+        # Rounds may come out a few centroids apart (merged near copies; a two-level cell with fewer
+        # sampled rows than its share): the shorter ones are padded with zero rows, ids no quantizer
+        # ever returns.
         k = max(len(c) for c in centroids)
         padded = [np.concatenate([c, np.zeros((k - len(c), dim), np.float32)]) for c in centroids]
         m = min(config.bucketing.m, min(len(c) for c in centroids))
@@ -193,7 +207,8 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
             index = kernels.build_quantizer(round_centroids, kind, m)
             storage.write_bytes(storage.join(model_uri, f"quantizer_{r}.faiss"), faiss.serialize_index(index).tobytes())
         storage.write_npy(storage.join(model_uri, "centroids.npy"), np.concatenate(padded))
-        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), config.bucketing.margin, training, cell_rows)
+        model = BucketModel("kmeans", k, m, rounds, kind, len(sample), config.bucketing.margin, training, cell_rows,
+                            merged)
     model = dataclasses.replace(model, model_id=uuid.uuid4().hex)
     storage.write_json(storage.join(model_uri, MODEL_FILE), model.to_dict())
     return model

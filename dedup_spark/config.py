@@ -70,6 +70,7 @@ class BucketingConfig:
     max_train_rows: int = 262144
     kmeans_iterations: int = 10
     training: str = "auto"
+    merge_centroids: float | None = 0.7
     seed: int = 0
     assign: str = "auto"
     hnsw_min_k: int = 8192
@@ -282,6 +283,8 @@ def validate(config: JobConfig) -> None:
         (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),
         (config.bucketing.m >= 1, "bucketing.m must be >= 1"),
         (config.bucketing.margin is None or config.bucketing.margin >= 0, "bucketing.margin must be >= 0 or null"),
+        (config.bucketing.merge_centroids is None or config.bucketing.merge_centroids >= 0,
+         "bucketing.merge_centroids must be >= 0 or null"),
         (config.bucketing.points_per_centroid >= 1, "bucketing.points_per_centroid must be >= 1"),
         (config.bucketing.max_train_rows >= 1, "bucketing.max_train_rows must be >= 1"),
         (config.bucketing.kmeans_iterations >= 1, "bucketing.kmeans_iterations must be >= 1"),

@@ -113,6 +113,32 @@ def allocate_centroids(counts: np.ndarray, k: int) -> np.ndarray:
     return allocated
 
 
+def merge_close_centroids(centroids: np.ndarray, min_cosine: float, kind: str = "flat",
+                          neighbours: int = 8) -> np.ndarray:
+    """The centroids without near copies: of every pair with cosine >= ``min_cosine`` among each
+    centroid's ``neighbours`` nearest (by a ``kind`` quantizer), the later one is dropped.
+
+    Why: the mass of a large group of copies draws several k-means centroids onto it, and the
+    border between them then cuts the group, so its pairs across that border share no bucket
+    unless both rows lie within the margin. On the 1M bench rows (K=1,414, m=2; pairs of the
+    first 100k rows against exhaustive search) dropping the 1-8 centroids closer than 0.7 x the
+    distance of a pair at the threshold (cosine >= 0.975 at 0.95) cut the pairs sharing no bucket
+    from 1,706 to 381 and from 465 to 396 for two flat samples, and from 3,282 to 739 for two-level
+    training, with the same comparisons.
+    """
+    count = len(centroids)
+    if count < 2:
+        return centroids
+    index = build_quantizer(centroids, kind, neighbours)
+    scores, ids = index.search(np.ascontiguousarray(centroids, dtype=np.float32), min(count, neighbours + 1))
+    rows, slots = np.nonzero((scores >= min_cosine) & (ids > np.arange(count)[:, None]))
+    keep = np.ones(count, dtype=bool)
+    for i, j in zip(rows, ids[rows, slots]):  # rows ascending: a dropped centroid drops nothing
+        if keep[i]:
+            keep[j] = False
+    return centroids[keep]
+
+
 def build_quantizer(centroids: np.ndarray, kind: str, m: int = 1):
     """A faiss index over the centroids: exact ("flat") or HNSW ("hnsw").
 

@@ -168,7 +168,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     model_uri = storage.join(staged, "model")
 
     def train_stage() -> dict[str, Any]:
-        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri, stored_sample, stored_cells)
+        model = bucket.train(spark, rows_uri, valid_count, dim, config, model_uri, stored_sample, stored_cells,
+                             threshold)
         storage.write_bytes(storage.join(model_uri, "config.yaml"),
                             yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         storage.write_json(storage.join(model_uri, "manifest.json"), manifest.to_dict())
@@ -176,7 +177,10 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 "note": f"{model.method} ({model.training}), K={model.buckets_per_round} x {model.rounds} round(s), "
                         f"m={model.m}, {model.assign} assignment"}
 
-    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"]}, train_stage)
+    # The threshold scales which near-copy centroids are merged.
+    train_result = stages.run("train", {"bucketing": config.to_dict()["bucketing"],
+                                        "threshold": threshold if config.bucketing.merge_centroids is not None else None},
+                              train_stage)
     model = bucket.BucketModel(**train_result["model"])
     assigned_uri = storage.join(work, "assign")
 
@@ -367,7 +371,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                       "margin": model.margin,
                       "buckets_per_row": round(assign_result["rows"] / valid_count, 4) if valid_count else 0.0,
                       "train_rows": model.train_rows, "training": model.training,
-                      "cell_train_rows": model.cell_train_rows, "assign": model.assign,
+                      "cell_train_rows": model.cell_train_rows, "merged_centroids": model.merged_centroids,
+                      "assign": model.assign,
                       # Also logged at train: set when max_train_rows starved the k-means sample.
                       "training_warning": bucket.starved_training(valid_count, config),
                       "k_source": "config" if config.bucketing.k else "cost model",

@@ -200,6 +200,27 @@ def test_two_level_allocation_is_proportional_and_sums_to_k():
         assert np.abs(allocated - quota).max() < 1.0, (counts, k, allocated)
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_near_copy_centroids_are_merged_and_no_others(kind):
+    rng = np.random.default_rng(4)
+    spread = normalize(rng.standard_normal((300, 48))).astype(np.float32)
+    # Near copies of the first 40 centroids (cosine ~0.99), placed after them, and one copy of a copy.
+    noise = normalize(rng.standard_normal((40, 48))).astype(np.float32)
+    copies = normalize(spread[:40] + 0.1 * noise).astype(np.float32)
+    twice = normalize(copies[:1] + 0.02 * noise[1:2]).astype(np.float32)
+    centroids = np.concatenate([spread, copies, twice])
+    min_cosine = 0.975
+    kept = kernels.merge_close_centroids(centroids, min_cosine, kind)
+    # Oracle: every pair's cosine by brute force. No two kept centroids are that close, and every
+    # dropped one is that close to a kept one; here exactly the planted copies go.
+    cosine = kept.astype(np.float64) @ kept.T.astype(np.float64)
+    np.fill_diagonal(cosine, -1)
+    assert cosine.max() < min_cosine
+    assert len(kept) == 300 and np.array_equal(kept, spread)
+    full = centroids.astype(np.float64) @ spread.T.astype(np.float64)
+    assert (full[300:].max(axis=1) >= min_cosine).all()
+
+
 def test_margin_keeps_a_further_bucket_only_near_its_border(sample):
     stored = normalize(sample.embeddings).astype(np.float32)
     centroids = kernels.train_centroids(stored, 16, 10, 0)
