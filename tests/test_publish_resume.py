@@ -61,17 +61,25 @@ def test_changing_the_threshold_after_a_failed_search_reuses_only_earlier_stages
     with pytest.raises(InjectedFault):
         run_job(spark, root, out, run__fail_after_stage="group", bucketing__k=6)
     report = run_job(spark, root, out, bucketing__k=6, search__threshold=0.97)
-    # The k-means model is kept; assignment is redone, since the threshold scales bucketing.margin.
+    # The threshold scales which near-copy centroids are merged, so the model is trained again.
+    assert report["stages_reused"] == ["read"]
+    # Without merging the k-means model is kept; assignment is redone, since the threshold scales
+    # bucketing.margin.
+    unmerged = tmp_path / "unmerged"
+    with pytest.raises(InjectedFault):
+        run_job(spark, root, unmerged, run__fail_after_stage="group", bucketing__k=6, bucketing__merge_centroids=None)
+    report = run_job(spark, root, unmerged, bucketing__k=6, bucketing__merge_centroids=None, search__threshold=0.97)
     assert report["stages_reused"] == ["read", "train"]
     # Without the margin and without the recall probes (run_job turns them off; they ride on the
     # assign scan and are compared at the threshold), assignment does not depend on the threshold.
     without_margin = tmp_path / "without-margin"
+    fixed = {"bucketing__k": 6, "bucketing__margin": None, "bucketing__merge_centroids": None}
     with pytest.raises(InjectedFault):
-        run_job(spark, root, without_margin, run__fail_after_stage="group", bucketing__k=6, bucketing__margin=None)
-    report = run_job(spark, root, without_margin, bucketing__k=6, bucketing__margin=None, search__threshold=0.97)
+        run_job(spark, root, without_margin, run__fail_after_stage="group", **fixed)
+    report = run_job(spark, root, without_margin, search__threshold=0.97, **fixed)
     assert report["stages_reused"] == ["read", "train", "assign"]
     with_probes = tmp_path / "with-probes"
-    settings = {"bucketing__k": 6, "bucketing__margin": None, "estimate__sample_rows": 64}
+    settings = {**fixed, "estimate__sample_rows": 64}
     with pytest.raises(InjectedFault):
         run_job(spark, root, with_probes, run__fail_after_stage="group", **settings)
     report = run_job(spark, root, with_probes, search__threshold=0.97, **settings)
