@@ -153,6 +153,11 @@ def test_samples_drawn_while_reading_equal_a_scan_of_the_rows(spark, tmp_path):
         assert sorted(scanned.column("row_id").to_pylist()) == sorted(picked[np.argsort(
             kernels.sample_hash(picked, seed), kind="stable")][:limit].tolist())
     assert stored.covers(0.1, 5) and not stored.covers(0.3, 5) and not stored.covers(0.05, 7)
+    # The same draws left in Spark (two-level training's cells): from the stored table and by a scan.
+    for fraction, seed in ((0.1, 5), (0.05, 7)):
+        in_tasks = [read.sampled_rows(spark, rows_uri, fraction, seed, source).toArrow() for source in (stored, None)]
+        assert sorted(in_tasks[0].column("row_id").to_pylist()) == sorted(in_tasks[1].column("row_id").to_pylist()) \
+            == ids[kernels.sample_mask(ids, fraction, seed)].tolist()
 
 
 def test_small_parts_are_read_several_to_a_task_and_every_row_once(spark, tmp_path):
