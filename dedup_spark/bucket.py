@@ -237,7 +237,8 @@ def training_method(valid_rows: int, config: JobConfig) -> str:
     the tasks, K^1.5 * d * points_per_centroid * iterations in all. On the 1M bench rows
     (K=1,414, m=2) it left 0.66% of the pairs sharing no bucket against flat's 0.11% at the
     same sample, and 0.73% for flat starved to 4 rows a centroid, with fewer comparisons than
-    either (docs/SCALING.md).
+    either; with near-copy centroids merged (bucketing.merge_centroids) 0.17% against flat's
+    0.09% (docs/SCALING.md).
     """
     if config.bucketing.method != "kmeans":
         return "flat"
@@ -267,8 +268,13 @@ def cell_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = N
     that draws 1.3 x points_per_centroid rows per centroid for the cells' tasks; 0 for flat."""
     if training_method(valid_rows, config) != "two_level":
         return 0.0
-    _, wanted = _wanted_rows(valid_rows, config)
-    return min(1.0, 1.3 * wanted / max(1, valid_rows if drawn_from is None else drawn_from))
+    return _overdraw(_wanted_rows(valid_rows, config)[1], valid_rows, drawn_from)
+
+
+def _overdraw(rows: int, valid_rows: int, drawn_from: int | None) -> float:
+    """The Bernoulli fraction of ``drawn_from`` rows (default ``valid_rows``) expected to draw 1.3 x
+    ``rows``: enough that the draw rarely falls short, trimmed afterwards."""
+    return min(1.0, 1.3 * rows / max(1, valid_rows if drawn_from is None else drawn_from))
 
 
 CELL_CENTROIDS_SCHEMA = T.StructType([
@@ -361,7 +367,7 @@ def training_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None
     """The Bernoulli fraction of ``drawn_from`` rows (default ``valid_rows``) that draws 1.3x the
     training target for ``valid_rows``; the draw is trimmed on the driver (a Spark limit() would cut
     the Python workers' pipes mid-stream)."""
-    return min(1.0, 1.3 * training_target(valid_rows, config) / max(1, valid_rows if drawn_from is None else drawn_from))
+    return _overdraw(training_target(valid_rows, config), valid_rows, drawn_from)
 
 
 def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int,
