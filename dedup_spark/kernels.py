@@ -468,7 +468,8 @@ def graph_search(
     step = int(max(16, min(block_rows, memory_bytes // max(1, per_cell * len(columns_all)))))
     # Blocks of equal size: a short last block (1,280 rows at 1,024 a block leave 256) multiplies
     # far below the BLAS peak, and buckets sit near the mean size, so most tasks would pay for one.
-    step = max(1, -(-len(left) // max(1, -(-len(left) // step))))
+    blocks = max(1, -(-len(left) // step))  # ceil: the fewest blocks of at most step rows
+    step = max(1, -(-len(left) // blocks))
     for start in range(0, len(left), step):
         stop = min(start + step, len(left))
         rows = left[start:stop]
