@@ -53,9 +53,12 @@ def test_batched_signatures_equal_datasketch_per_caption():
     # Many captions at once (several work chunks), with empty and one-shingle captions between them.
     captions = [random_caption(rng, int(rng.integers(1, 30))) for _ in range(3000)]
     captions[::500] = [None, "", "ab", "  !!  ", "x", "A b"]
-    for kind, size, num_perm, seed in [("chars", 4, 128, 1), ("words", 2, 64, 7)]:
+    # Multi-byte characters (a shingle is characters, not bytes) and Unicode spaces between words.
+    others = ["Café über naïve 日本語 ✓ ok", "日本", "ÄÖÜ straße", "a\u00a0b\u2003c d", "emoji 😀😀 x", "ß"]
+    captions[1::500] = others
+    for kind, size, num_perm, seed in [("chars", 4, 128, 1), ("words", 2, 64, 7), ("chars", 2, 32, 3)]:
         values, present = minhash.signatures(captions, num_perm, kind, size, seed)
-        for row in list(range(0, len(captions), 37)) + list(range(0, len(captions), 500)):
+        for row in list(range(0, len(captions), 37)) + list(range(0, len(captions), 500)) + list(range(1, 3000, 500)):
             grams = minhash.shingles(captions[row], kind, size)
             assert present[row] == bool(grams)
             if grams:
