@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+from pyspark import Broadcast
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -29,7 +30,8 @@ from pyspark.sql import types as T
 from dedup_spark import minhash
 from dedup_spark.config import CaptionsConfig, JobConfig
 from dedup_spark.kernels import components
-from dedup_spark.tables import binary_matrix
+from dedup_spark.read import CAPTION_SCHEMA, VALID_SCHEMA
+from dedup_spark.tables import BatchTransform, binary_matrix
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +151,14 @@ def choose_kept(members: DataFrame, metadata: DataFrame | None, config: JobConfi
     return scored.groupBy("group_id").agg(F.min_by("row_id", rank).alias("kept_row_id"))
 
 
-# Members a task scanning the rows may hold (row_id, group_id, group_size, is_kept: about
-# 48 bytes each in Spark's hash relation, so some 50 MB): below it, the rows are not shuffled.
+# Members broadcast to the tasks reading the rows (row_id, group_id, group_size, is_kept: 25 bytes
+# each in numpy, so at most 25 MB in each Python worker): up to it, no row but a member's leaves them.
 BROADCAST_MEMBERS = 1_000_000
+
+RowReader = Callable[[BatchTransform, T.StructType], DataFrame]
+"""Rows read with a transform (of batches to a schema) applied in the Python task that reads them:
+``read.valid_rows`` (VALID_SCHEMA rows) or ``read.read_captions`` (CAPTION_SCHEMA rows), with their
+first arguments bound. Only the transform's output reaches the JVM."""
 
 DUPLICATES_SCHEMA = T.StructType([
     T.StructField("row_id", T.LongType(), False),
@@ -164,24 +171,37 @@ DUPLICATES_SCHEMA = T.StructType([
     T.StructField("caption_group", T.LongType(), True),
 ])
 
+# The members' rows the broadcast lookup makes of the readers' rows (VALID_SCHEMA, CAPTION_SCHEMA).
+_FLAGS = [DUPLICATES_SCHEMA[name] for name in ("row_id", "group_id", "group_size", "is_kept")]
+_MEMBER_EMBEDDINGS = T.StructType([*_FLAGS, VALID_SCHEMA["embedding"]])
+_MEMBER_CAPTIONS = T.StructType([*_FLAGS, CAPTION_SCHEMA["caption"]])
 
-def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: int,
-                     captions: DataFrame | None = None, caption_settings: CaptionsConfig | None = None,
+
+def frame_reader(frame: DataFrame) -> RowReader:
+    """A RowReader over a DataFrame already made: the transform runs in a mapInArrow after it, so
+    every row still crosses into the JVM and back (for tests and callers without a table to read)."""
+    return lambda transform, schema: frame.mapInArrow(transform, schema)
+
+
+def duplicates_table(members: DataFrame, kept: DataFrame, rows: RowReader, dim: int,
+                     captions: RowReader | None = None, caption_settings: CaptionsConfig | None = None,
                      member_count: int | None = None) -> DataFrame:
     """Every member of every group with its group size, keep flag and similarity to the kept row,
-    and, given ``captions`` (row_id, caption), its caption's estimated similarity to the kept row's.
+    and, given ``captions`` (rows of row_id, caption), its caption's estimated similarity to the
+    kept row's.
 
-    Members meet their embeddings in one join and their captions in another; both are then sent
-    to their group in one shuffle, arranged with the kept row first (a member's caption row right
-    after its embedding row, merged in the stream), and a task streams through them holding only
-    the current group's kept embedding and caption signature, so a giant group costs no memory
-    and nothing is shuffled twice (a second join on kept_row_id, or on row_id for the captions).
-    Caption signatures are MinHash values (``minhash.signatures``) computed in the stream;
-    caption_group is left null here.
+    Members meet their embeddings (read from ``rows``) in one join and their captions in another;
+    both are then sent to their group in one shuffle, arranged with the kept row first (a member's
+    caption row right after its embedding row, merged in the stream), and a task streams through
+    them holding only the current group's kept embedding and caption signature, so a giant group
+    costs no memory and nothing is shuffled twice (a second join on kept_row_id, or on row_id for
+    the captions). Caption signatures are MinHash values (``minhash.signatures``) computed in the
+    stream; caption_group is left null here.
 
     ``member_count`` (from ``connected_components``), when at most BROADCAST_MEMBERS: the members
-    are broadcast to the tasks scanning ``rows``, so only members' embeddings are shuffled, not
-    every row's (1M bench rows: the step took 13.6 -> 11.2 s without captions).
+    are collected, sorted by row_id and broadcast, and the join is a lookup in the Python tasks
+    reading the rows and the captions, so only the members' rows reach the JVM, not every row's
+    (1M bench rows, 336k members: the JVM received 1.5 GB of embeddings and 1M captions before).
     """
     sizes = members.groupBy("group_id").agg(F.count("*").alias("group_size"))
     flagged = (members.join(sizes, "group_id").join(kept, "group_id")
@@ -189,18 +209,17 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
     columns = ["row_id", "group_id", "group_size", "is_kept", "embedding"]
     with_captions = captions is not None  # the task closure must not hold the DataFrame
     if member_count is not None and member_count <= BROADCAST_MEMBERS:
-        # Few members: every task scanning the rows holds them all, so only the members'
-        # embeddings are shuffled (once, to their group), not every row's to meet them.
-        flagged = F.broadcast(flagged)
-        with_embeddings = rows.select("row_id", "embedding").join(flagged, "row_id")
+        lookup = _broadcast_members(flagged)
+        with_embeddings = rows(_flag_members(lookup, "embedding"), _MEMBER_EMBEDDINGS)
+        member_captions = captions(_flag_members(lookup, "caption"), _MEMBER_CAPTIONS) if with_captions else None
     else:
-        with_embeddings = flagged.join(rows.select("row_id", "embedding"), "row_id")
+        with_embeddings = flagged.join(rows(_same, VALID_SCHEMA), "row_id")
+        member_captions = captions(_same, CAPTION_SCHEMA).join(flagged, "row_id") if with_captions else None
     order = ["group_id", F.desc("is_kept"), "row_id"]
     if with_captions:
         # A member's caption travels as a row of its own beside its embedding's and the two are merged
         # in the group-sorted stream (_merge_captions): captions and embeddings go to their group in one
         # shuffle, where a join on row_id first would shuffle the members' embeddings twice.
-        member_captions = captions.select("row_id", F.col("caption").cast("string")).join(flagged, "row_id")
         with_embeddings = with_embeddings.withColumn("caption", F.lit(None).cast("string")).unionByName(
             member_captions.withColumn("embedding", F.lit(None).cast("binary")))
         columns.append("caption")
@@ -245,6 +264,40 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: DataFrame, dim: 
                 names=DUPLICATES_SCHEMA.names)
 
     return arranged.mapInArrow(similarity, DUPLICATES_SCHEMA)
+
+
+def _same(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    return batches
+
+
+def _broadcast_members(flagged: DataFrame) -> Broadcast:
+    """The flagged members collected to the driver and broadcast as numpy columns sorted by row_id."""
+    table = flagged.toArrow()
+    order = np.argsort(table.column("row_id").to_numpy(), kind="stable")
+    return flagged.sparkSession.sparkContext.broadcast(
+        tuple(table.column(name).to_numpy()[order] for name in ("row_id", "group_id", "group_size", "is_kept")))
+
+
+def _flag_members(lookup: Broadcast, column: str) -> BatchTransform:
+    """The rows of members only, with their group_id, group_size and is_kept, then ``column``."""
+    def flagged(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        member_ids, group_ids, group_sizes, kept_flags = lookup.value
+        for batch in batches:
+            ids = batch.column("row_id")
+            row_ids = ids.fill_null(0).to_numpy() if ids.null_count else ids.to_numpy()
+            at = np.minimum(np.searchsorted(member_ids, row_ids), max(0, member_ids.size - 1))
+            hit = member_ids[at] == row_ids if member_ids.size else np.zeros(row_ids.size, dtype=bool)
+            if ids.null_count:
+                hit &= ids.is_valid().to_numpy(zero_copy_only=False)
+            taken = np.flatnonzero(hit)
+            if taken.size:
+                at = at[taken]
+                yield pa.RecordBatch.from_arrays(
+                    [pa.array(row_ids[taken]), pa.array(group_ids[at]), pa.array(group_sizes[at]),
+                     pa.array(kept_flags[at]), batch.column(column).take(pa.array(taken))],
+                    names=["row_id", "group_id", "group_size", "is_kept", column])
+
+    return flagged
 
 
 def _merge_captions(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

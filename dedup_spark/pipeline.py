@@ -17,6 +17,7 @@ per-bucket and per-reason counts, per-shard write summaries.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -161,7 +162,6 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         raise InputError(f"{read_result['rejected_rows']} of {manifest.rows} input rows were rejected "
                          f"({read_result['rejected_rows'] / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
                          f"{read_result['reasons']}; see {rejected_uri}")
-    valid = valid_rows(spark, rows_uri)
     valid_count = read_result["valid_rows"]
     stored_sample = read.StoredSample.from_dict(read_result["sample"])
     stored_cells = read.StoredSample.from_dict(read_result["cell_sample"]) if read_result.get("cell_sample") else None
@@ -255,12 +255,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         step.done("connected components")
         metadata = read_metadata(spark, manifest, config) if config.keep.expression else None
         kept = group.choose_kept(members, metadata, config)
-        caption_rows = None
-        if caption_name is not None:
-            source = metadata if metadata is not None else read_metadata(spark, manifest, config, [caption_name])
-            caption_rows = source.select("row_id", F.col(caption_name).alias("caption"))
-        duplicates = group.duplicates_table(members, kept, valid, dim, caption_rows, config.captions,
-                                            cc_stats["members"])
+        # Readers, not DataFrames: with few members, only the members' rows leave the reading tasks.
+        caption_reader = None if caption_name is None else functools.partial(
+            read.read_captions, spark, manifest, config, caption_name)
+        duplicates = group.duplicates_table(members, kept, functools.partial(valid_rows, spark, rows_uri), dim,
+                                            caption_reader, config.captions, cc_stats["members"])
         merged_rows = None
         if caption_name is None or config.captions.policy == "ignore":
             info = tables.write_table(duplicates, duplicates_uri)
@@ -271,7 +270,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             tables.write_table(duplicates, base_uri)
             step.done("duplicates with similarity to kept and caption similarity")
             base = tables.read_table(spark, base_uri)
-            tables.write_table(captions.signed_members(base, caption_rows, config), signed_uri)
+            tables.write_table(captions.signed_members(base, caption_reader(), config), signed_uri)
             step.done("caption signatures")
             annotated = captions.annotate(base, tables.read_table(spark, signed_uri), metadata, config)
             info = tables.write_table(annotated.duplicates, duplicates_uri)

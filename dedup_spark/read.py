@@ -463,6 +463,8 @@ VALID_SCHEMA = T.StructType([
     T.StructField("row_id", T.LongType(), False),
     T.StructField("embedding", T.BinaryType(), False),
 ])
+# read_captions' rows: a row_id is null where the input's id column is.
+CAPTION_SCHEMA = T.StructType([T.StructField("row_id", T.LongType()), T.StructField("caption", T.StringType())])
 # The rows table's columns the accepted rows are read from.
 _VALID_SOURCE = ["row_id", "embedding", "reject_reason"]
 
@@ -544,20 +546,22 @@ def metadata_schema(manifest: Manifest, config: JobConfig) -> pa.Schema | None:
 
 
 def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig,
-                  columns: list[str] | None = None) -> DataFrame | None:
+                  columns: list[str] | None = None, transform: tables.BatchTransform | None = None,
+                  schema: T.StructType | None = None) -> DataFrame | None:
     """``row_id`` plus every non-embedding input column (or those of ``columns`` that exist),
-    read in tasks; None for npy input."""
+    read in tasks, or ``transform`` of them (``schema``) applied in the task that reads them;
+    None for npy input."""
     from pyspark.sql.pandas.types import from_arrow_schema
 
-    schema = metadata_schema(manifest, config)
-    if schema is None:
+    input_schema = metadata_schema(manifest, config)
+    if input_schema is None:
         return None
     if columns is not None:
         wanted = set(columns) | ({config.input.id_column} if config.input.id_column else set())
-        schema = pa.schema([f for f in schema if f.name in wanted])
-    keep_names = [f.name for f in schema]
+        input_schema = pa.schema([f for f in input_schema if f.name in wanted])
+    keep_names = [f.name for f in input_schema]
     spark_schema = T.StructType([T.StructField("row_id", T.LongType(), True),
-                                 *[f for f in from_arrow_schema(schema) if f.name != "row_id"]])
+                                 *[f for f in from_arrow_schema(input_schema) if f.name != "row_id"]])
     output_names = spark_schema.names
     manifest_payload = manifest.to_dict()
     id_column = config.input.id_column
@@ -581,4 +585,18 @@ def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig,
 
     shard_ids = [(s.shard_id,) for s in manifest.shards]
     tasks = spark.createDataFrame(shard_ids, "shard_id int").repartition(max(1, len(shard_ids)))
-    return tasks.mapInArrow(decode, spark_schema)
+    if transform is None:
+        return tasks.mapInArrow(decode, spark_schema)
+    return tasks.mapInArrow(lambda batches: transform(decode(batches)), schema)
+
+
+def read_captions(spark: SparkSession, manifest: Manifest, config: JobConfig, column: str,
+                  transform: tables.BatchTransform | None = None, schema: T.StructType | None = None) -> DataFrame:
+    """``row_id, caption`` (input ``column`` as a string) of every input row, read in tasks, or
+    ``transform`` of them (``schema``) applied in the task that reads them."""
+    def as_captions(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        captions = (pa.RecordBatch.from_arrays([batch.column("row_id"), batch.column(column).cast(pa.string())],
+                                               names=CAPTION_SCHEMA.names) for batch in batches)
+        return captions if transform is None else transform(captions)
+
+    return read_metadata(spark, manifest, config, [column], as_captions, CAPTION_SCHEMA if schema is None else schema)

@@ -15,7 +15,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import config as config_module
-from dedup_spark.group import choose_kept, duplicates_table
+from dedup_spark.group import choose_kept, duplicates_table, frame_reader
 from dedup_spark.tables import packed_binary
 
 THRESHOLD = 0.95
@@ -233,9 +233,10 @@ def test_a_mapped_table_is_read_beside_its_source_row_for_row_and_a_stale_one_fa
 
 @pytest.mark.parametrize("member_count", [None, "exact"])
 def test_duplicates_table_with_and_without_broadcast_members(spark, member_count):
-    """Both ways of meeting the embeddings (the members broadcast into the rows' scan when their
-    count is known and small, else a shuffle join) give every member its group size, keep flag,
-    similarity to the kept row (numpy) and caption similarity (exact Jaccard, within MinHash error)."""
+    """Both ways of meeting the embeddings and captions (the members broadcast to the tasks reading
+    them when their count is known and small, else shuffle joins) give every member its group size,
+    keep flag, similarity to the kept row (numpy) and caption similarity (exact Jaccard, within
+    MinHash error)."""
     rng = np.random.default_rng(11)
     dim, rows = 16, 3_000
     vectors = rng.standard_normal((rows, dim)).astype(np.float32)
@@ -261,10 +262,11 @@ def test_duplicates_table_with_and_without_broadcast_members(spark, member_count
     # Batches of 7 rows: a member's embedding and caption rows, and a group, often span two batches.
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", "7")
     try:
-        duplicates = duplicates_table(members, kept, rows_df, dim, captions_df, config.captions,
-                                      None if member_count is None else len(group_of))
+        duplicates = duplicates_table(members, kept, frame_reader(rows_df), dim, frame_reader(captions_df),
+                                      config.captions, None if member_count is None else len(group_of))
         plan = duplicates._jdf.queryExecution().executedPlan().toString()
-        assert ("BroadcastHashJoin" in plan) == (member_count is not None), plan
+        # Broadcast members are looked up in the reading tasks: no join is left in the plan.
+        assert ("SortMergeJoin" in plan) == (member_count is None) and "BroadcastHashJoin" not in plan, plan
         result = duplicates.toPandas().sort_values("row_id")
     finally:
         spark.conf.unset("spark.sql.autoBroadcastJoinThreshold")
