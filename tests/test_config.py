@@ -61,11 +61,39 @@ def test_cli_reports_configuration_errors_in_one_line(tmp_path):
     assert "bucketing.m must be >= 1" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_k_minimises_the_cost_model_with_flat_training_and_without_it():
+    from dedup_spark import bucket
+
+    def cost(k: int, rows: int, m: int, training: int) -> float:
+        # Multiply-adds over d: assignment N*K, k-means training T*K^2, in-bucket search m^2 N^2 / (2K).
+        return rows * k + training * k * k + (m * rows) ** 2 / (2 * k)
+
+    for rows in (20_000, 100_000, 1_000_000, 8_000_000):
+        for m in (1, 2, 3):
+            for overrides, training in (({}, 640), ({"bucketing.kmeans_iterations": 5}, 320),
+                                        ({"bucketing.training": "two_level"}, 0), ({"bucketing.method": "lsh"}, 0)):
+                settings = config.load(None, {"bucketing.m": m, **overrides})
+                k = bucket.choose_k(rows, settings)
+                best = min(range(max(1, k // 2), 2 * k + 2), key=lambda c: cost(c, rows, m, training))
+                flat = training and best * settings.bucketing.points_per_centroid <= settings.bucketing.max_train_rows
+                if flat or not training:
+                    # Against a search over whole K: within one bucket of the cost model's minimum.
+                    assert abs(k - min(best, rows // 8)) <= 1, (rows, m, overrides, k, best)
+                else:
+                    # A flat sample would not fit max_train_rows: training is two-level and the plain optimum holds.
+                    assert k == round(m * (rows / 2) ** 0.5), (rows, m, overrides, k)
+    # The training term matters at bench sizes and fades with N.
+    defaults = config.JobConfig()
+    assert bucket.choose_k(1_000_000, defaults) == 950 and bucket.choose_k(100_000, defaults) == 226
+    assert bucket.choose_k(2_300_000_000, defaults) == round(2 * (2_300_000_000 / 2) ** 0.5)
+    assert bucket.choose_k(1_000_000, config.load(None, {"bucketing.k": 1234})) == 1234
+
+
 def test_a_k_means_sample_capped_below_points_per_centroid_is_named_only_when_the_cap_binds():
     from dedup_spark import bucket
 
     defaults = config.JobConfig()
-    # 1M rows: K=1,414 and 64 x K = 90,496 rows fit under max_train_rows.
+    # 1M rows: K=950 and 64 x K = 60,800 rows fit under max_train_rows.
     assert bucket.starved_training(1_000_000, defaults) is None
     # Few rows: the data, not the cap, limits the sample; nothing to raise.
     assert bucket.starved_training(2_000, defaults) is None
@@ -76,9 +104,10 @@ def test_a_k_means_sample_capped_below_points_per_centroid_is_named_only_when_th
     k = bucket.choose_k(2_300_000_000, defaults)
     assert bucket.cell_fraction(2_300_000_000, defaults) == pytest.approx(1.3 * 64 * k / 2_300_000_000)
     flat = config.load(None, {"bucketing.training": "flat"})
+    flat_k = bucket.choose_k(2_300_000_000, flat)
     laion = bucket.starved_training(2_300_000_000, flat)
-    assert laion is not None and f"K={k:,}" in laion and f"{262_144 / k:.1f} per centroid" in laion
-    raised = config.load(None, {"bucketing.max_train_rows": 64 * k, "bucketing.training": "flat"})
+    assert laion is not None and f"K={flat_k:,}" in laion and f"{262_144 / flat_k:.1f} per centroid" in laion
+    raised = config.load(None, {"bucketing.max_train_rows": 64 * flat_k, "bucketing.training": "flat"})
     assert bucket.starved_training(2_300_000_000, raised) is None
     assert bucket.training_method(2_300_000_000, config.load(None, {"bucketing.max_train_rows": 64 * k})) == "flat"
     assert bucket.training_method(1_000_000, defaults) == "flat" and bucket.cell_fraction(1_000_000, defaults) == 0
