@@ -118,14 +118,21 @@ def test_null_embeddings_and_ids_in_parquet_are_rejected(spark, tmp_path):
     embeddings[6] = embeddings[6][:4]
     ids = list(range(100, 400))
     ids[7] = None
+    ids[50] = 0  # the kept row's id is 0, what a null id would read as if its mask were dropped
+    # Captions too: the row without an id still has one, which the caption readers must pass over.
+    captions = [f"caption {i} of a row" for i in range(300)]
+    captions[51] = captions[50]
     root = tmp_path / "in"
     root.mkdir()
-    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "embedding": pa.array(embeddings, pa.list_(pa.float32()))}),
-                   root / "data.parquet")
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "embedding": pa.array(embeddings, pa.list_(pa.float32())),
+                             "caption": captions}), root / "data.parquet")
     out = tmp_path / "out"
-    report = run_job(spark, root, out, input__id_column="id", bucketing__k=1)
+    report = run_job(spark, root, out, input__id_column="id", bucketing__k=1, captions__column="auto")
     assert report["rejected_by_reason"] == {"null_embedding": 1, "wrong_dim": 1, "null_id": 1}
     assert report["accounting"]["kept_rows"] == 296 and report["accounting"]["removed_rows"] == 1
+    duplicates = read_table(out / "duplicates").to_pylist()
+    assert sorted((row["row_id"], row["is_kept"], row["caption_similarity"]) for row in duplicates) == [
+        (0, True, 1.0), (151, False, 1.0)]
     assert sorted(read_table(out / "rejected").column("shard_row").to_pylist()) == [5, 6, 7]
     assert pq.read_table(out / "dedup" / "data.parquet").num_rows == 296
 
