@@ -58,29 +58,32 @@ def choose_k(rows: int, config: JobConfig) -> int:
     points_per_centroid, 640 at the defaults), as much as the assignment at 1M
     rows; with it the sum is smallest where N + 2TK = m^2 N^2 / (2K^2), a smaller
     K (m=2: 950 against 1,414 at 1M rows, 226 against 447 at 100k). That K is taken
-    while its sample (K x points_per_centroid rows) fits max_train_rows, so the
-    k-means trains flat; beyond, training is two-level (~K^1.5, ``training_method``)
+    while its sample (K x points_per_centroid rows) fits max_train_rows
+    (``_flat_sample``, the rule ``training_method`` applies), so the k-means
+    trains flat; beyond, training is two-level (~K^1.5, ``training_method``)
     and m * sqrt(N / 2) holds. LSH trains nothing. At least one bucket, at most
     N / 8 (buckets of a handful of rows waste the per-task overhead).
     """
     if config.bucketing.k is not None:
         return max(1, min(config.bucketing.k, rows))
     bucketing = config.bucketing
-    k = bucketing.m * math.sqrt(rows / 2.0)
+    k = round(bucketing.m * math.sqrt(rows / 2.0))
     if bucketing.method == "kmeans" and bucketing.training != "two_level":
-        flat_k = _flat_optimum(rows, bucketing.m, bucketing.kmeans_iterations * bucketing.points_per_centroid)
-        if bucketing.training == "flat" or flat_k * bucketing.points_per_centroid <= bucketing.max_train_rows:
+        flat_k = round(_flat_optimum(rows, bucketing.m, bucketing.kmeans_iterations * bucketing.points_per_centroid))
+        target, wanted = _flat_sample(rows, flat_k, config)
+        if bucketing.training == "flat" or target >= wanted:
             k = flat_k
-    return int(max(1, min(round(k), rows // 8)))
+    return int(max(1, min(k, rows // 8)))
 
 
-def _flat_optimum(rows: int, m: int, training_rows: int) -> float:
-    """The K > 0 where N*K + T*K^2 + m^2 N^2 / (2K) is smallest (T = ``training_rows``): the root of
-    N + 2TK - m^2 N^2 / (2K^2), which rises with K, found by bisection below m * sqrt(N / 2)."""
+def _flat_optimum(rows: int, m: int, training: int) -> float:
+    """The K > 0 where N*K + T*K^2 + m^2 N^2 / (2K) is smallest (T = ``training``, iterations x points
+    per centroid): the root of N + 2TK - m^2 N^2 / (2K^2), which rises with K, found by bisection
+    below m * sqrt(N / 2)."""
     low, high = 0.0, m * math.sqrt(rows / 2.0)
     for _ in range(100):
         middle = (low + high) / 2
-        if rows + 2 * training_rows * middle - (m * rows) ** 2 / (2 * middle * middle) < 0:
+        if rows + 2 * training * middle - (m * rows) ** 2 / (2 * middle * middle) < 0:
             low = middle
         else:
             high = middle
@@ -240,8 +243,15 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
 
 def training_target(valid_rows: int, config: JobConfig) -> int:
     """Rows the centroids are trained on: points_per_centroid per bucket, at most max_train_rows."""
-    k = choose_k(max(1, valid_rows), config)
-    return int(min(valid_rows, config.bucketing.max_train_rows, max(k * config.bucketing.points_per_centroid, 4 * k)))
+    return _flat_sample(valid_rows, choose_k(max(1, valid_rows), config), config)[0]
+
+
+def _flat_sample(valid_rows: int, k: int, config: JobConfig) -> tuple[int, int]:
+    """(rows a flat k-means of k centroids trains on: points_per_centroid a centroid, at least 4, at
+    most max_train_rows and every row; rows it wants: points_per_centroid a centroid, at most every row)."""
+    per_centroid = config.bucketing.points_per_centroid
+    target = int(min(valid_rows, config.bucketing.max_train_rows, max(k * per_centroid, 4 * k)))
+    return target, min(valid_rows, k * per_centroid)
 
 
 def _trains_centroids(valid_rows: int, k: int, config: JobConfig) -> bool:
@@ -274,8 +284,8 @@ def training_method(valid_rows: int, config: JobConfig) -> str:
 def _flat_shortfall(valid_rows: int, config: JobConfig) -> tuple[int, int, int] | None:
     """(K, flat sample rows, wanted rows) when max_train_rows cuts the flat k-means sample below
     points_per_centroid per centroid while k-means trains at all; None otherwise."""
-    k, wanted = _wanted_rows(valid_rows, config)
-    target = training_target(valid_rows, config)
+    k = choose_k(max(1, valid_rows), config)
+    target, wanted = _flat_sample(valid_rows, k, config)
     if not _trains_centroids(valid_rows, k, config) or target >= wanted:
         return None
     return k, target, wanted
@@ -284,7 +294,7 @@ def _flat_shortfall(valid_rows: int, config: JobConfig) -> tuple[int, int, int] 
 def _wanted_rows(valid_rows: int, config: JobConfig) -> tuple[int, int]:
     """(K, rows for points_per_centroid a centroid, at most every row)."""
     k = choose_k(max(1, valid_rows), config)
-    return k, min(valid_rows, k * config.bucketing.points_per_centroid)
+    return k, _flat_sample(valid_rows, k, config)[1]
 
 
 def cell_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = None) -> float:
