@@ -299,9 +299,10 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
         step.done("calibration")
-        # Only the shown columns: the views scan the metadata again in any case (DataFrames are not cached).
-        shown = read_metadata(spark, manifest, config, report.SHOWN_COLUMNS) if groups else None
-        views = report.dataset_views(tables.read_table(spark, duplicates_uri), shown, list(bucket_sizes.values()))
+        schema = read.metadata_schema(manifest, config)
+        views = report.dataset_views(tables.read_table(spark, duplicates_uri), [] if schema is None else schema.names,
+                                     functools.partial(read.metadata_of, spark, manifest, config),
+                                     list(bucket_sizes.values()))
         caption_report = None if caption_name is None else captions.summary(
             tables.read_table(spark, duplicates_uri), caption_name, merged_rows, config)
         step.done("report views")

@@ -590,6 +590,77 @@ def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig,
     return tasks.mapInArrow(lambda batches: transform(decode(batches)), schema)
 
 
+def metadata_of(spark: SparkSession, manifest: Manifest, config: JobConfig, row_ids: list[int],
+                columns: list[str]) -> dict[int, dict[str, str | None]]:
+    """Input ``columns`` (those the input has) of a handful of rows, as strings: row_id -> {column: value}.
+
+    Read in tasks from only the parquet row groups that hold the rows: a row's shard and position follow
+    from its row_id, or with an id column from a scan of that column alone. A report's examples need a
+    hundred rows; a scan of every row's text columns would read hundreds of GB at LAION scale.
+    """
+    input_schema = metadata_schema(manifest, config)
+    names = [] if input_schema is None else [f.name for f in input_schema if f.name in columns and f.name != "row_id"]
+    if not names or not row_ids:
+        return {}
+    wanted = np.unique(np.asarray(row_ids, dtype=np.int64))
+    id_column = config.input.id_column
+    requests = []
+    for shard in manifest.shards:
+        if shard.metadata_uri is None:
+            continue
+        if id_column:
+            requests.append((shard.shard_id, []))  # positions found in the task, from the id column
+            continue
+        inside = wanted[(wanted >= shard.row_offset) & (wanted < shard.row_offset + shard.rows)]
+        if inside.size:
+            requests.append((shard.shard_id, (inside - shard.row_offset).tolist()))
+    if not requests:
+        return {}
+    schema = T.StructType([T.StructField("row_id", T.LongType(), False),
+                           *[T.StructField(name, T.StringType(), True) for name in names]])
+    manifest_payload = manifest.to_dict()
+
+    def read_rows(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        local = Manifest.from_dict(manifest_payload)
+        for batch in batches:
+            for shard_id, listed in zip(batch.column("shard_id").to_pylist(), batch.column("positions").to_pylist()):
+                shard = local.shards[shard_id]
+                with storage.open_input(shard.metadata_uri) as handle:
+                    parquet = pq.ParquetFile(handle)
+                    if id_column:
+                        ids, null_ids = _ids(parquet.read(columns=[id_column]).column(id_column).combine_chunks())
+                        positions = np.flatnonzero(np.isin(ids, wanted) & ~null_ids)
+                        found = ids[positions]
+                    else:
+                        positions = np.asarray(listed, dtype=np.int64)
+                        found = shard.row_offset + positions
+                    if not positions.size:
+                        continue
+                    sizes = [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)]
+                    starts = np.concatenate([[0], np.cumsum(sizes)])
+                    group_of = np.searchsorted(starts, positions, side="right") - 1
+                    needed = np.unique(group_of)
+                    read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in needed])])
+                    at = read_starts[np.searchsorted(needed, group_of)] + positions - starts[group_of]
+                    rows = parquet.read_row_groups(needed.tolist(), columns=names).take(pa.array(at))
+                    yield pa.RecordBatch.from_arrays([pa.array(found, pa.int64())]
+                                                     + [_as_strings(rows.column(name)) for name in names],
+                                                     names=schema.names)
+
+    tasks = spark.createDataFrame(requests, "shard_id int, positions array<long>").repartition(len(requests))
+    shown = tasks.mapInArrow(read_rows, schema).collect()
+    return {int(row["row_id"]): {name: row[name] for name in names} for row in shown}
+
+
+def _as_strings(column: pa.ChunkedArray) -> pa.Array:
+    """A metadata column as strings for display (Arrow's cast, or Python's str for types it cannot cast)."""
+    column = column.combine_chunks()
+    try:
+        return pc.cast(column, pa.string())
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        return pa.array([None if value is None else str(value) for value in column.to_pylist()], pa.string())
+
+
 def read_captions(spark: SparkSession, manifest: Manifest, config: JobConfig, column: str,
                   transform: tables.BatchTransform | None = None, schema: T.StructType | None = None) -> DataFrame:
     """``row_id, caption`` (input ``column`` as a string) of every input row, read in tasks, or

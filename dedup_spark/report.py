@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
@@ -66,13 +67,15 @@ LARGEST_GROUPS = 50
 _SHOWN_COLUMNS = {"key": ("key", "id", "uid"), "caption": CAPTION_COLUMNS, "url": ("url", "image_url")}
 
 
-SHOWN_COLUMNS = [name for names in _SHOWN_COLUMNS.values() for name in names]
-
-
-def dataset_views(duplicates, metadata, bucket_sizes: list[int]) -> dict[str, Any]:
+def dataset_views(duplicates, metadata_columns: list[str],
+                  metadata_of: Callable[[list[int], list[str]], dict[int, dict]] | None,
+                  bucket_sizes: list[int]) -> dict[str, Any]:
     """Small summaries for the report, computed in Spark and collected: the group-size
     distribution, the bucket-size distribution, and the largest groups with the metadata
-    of their kept row and of their least similar member."""
+    of their kept row and of their least similar member.
+
+    ``metadata_columns``: the input's metadata columns; ``metadata_of(row_ids, columns)``: those
+    rows' values (``read.metadata_of``), asked once for the hundred rows shown."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -87,23 +90,19 @@ def dataset_views(duplicates, metadata, bucket_sizes: list[int]) -> dict[str, An
                       F.desc("is_kept"), "similarity_to_kept", "row_id")))
                   .where("rank <= 2").orderBy("group_id", "rank").collect())
         roles = {}
-        if metadata is not None:
+        if metadata_of is not None:
             for role, names in _SHOWN_COLUMNS.items():
-                name = next((n for n in names if n in metadata.columns and n != "row_id"), None)
+                name = next((n for n in names if n in metadata_columns and n != "row_id"), None)
                 if name:
-                    roles[role] = F.col(name).cast("string").alias(role)
+                    roles[role] = name
         shown: dict[int, dict] = {}
         if roles and ranked:
-            # The shown rows are a handful: filter the metadata scan by their ids rather than join
-            # (a join would shuffle every metadata row to meet them).
-            ids = [int(row["row_id"]) for row in ranked]
-            for row in metadata.where(F.col("row_id").isin(ids)).select("row_id", *roles.values()).collect():
-                shown[int(row["row_id"])] = row.asDict()
+            shown = metadata_of([int(row["row_id"]) for row in ranked], sorted(set(roles.values())))
         members: dict[int, list[dict]] = {}
         for row in ranked:
             entry = {"row_id": int(row["row_id"]), "is_kept": bool(row["is_kept"]),
                      "similarity_to_kept": round(float(row["similarity_to_kept"]), 4)}
-            entry.update({role: shown.get(entry["row_id"], {}).get(role) for role in roles})
+            entry.update({role: shown.get(entry["row_id"], {}).get(name) for role, name in roles.items()})
             members.setdefault(int(row["group_id"]), []).append(entry)
         for entry in groups:
             entry["members"] = members.get(entry["group_id"], [])

@@ -9,7 +9,8 @@ import pytest
 from helpers import make_sample, output_groups, output_pairs, read_table, run_job
 from oracle import brute_force_pairs, groups_of, normalize
 
-from dedup_spark.read import InputError
+from dedup_spark import config as config_module
+from dedup_spark.read import InputError, build_manifest, metadata_of
 from dedup_spark.sample import SampleSpec, generate, write
 
 ROWS = 3000
@@ -51,6 +52,28 @@ def test_input_formats_match_oracle(spark, small_sample, tmp_path, fmt, options)
         assert pq.read_schema(out / "dedup" / "part_0.parquet") == pq.read_schema(root / "part_0.parquet")
         kept_ids = pq.read_table(out / "dedup", columns=[options["id_column"]] if options.get("id_column") else ["key"])
         assert kept_ids.num_rows == report["accounting"]["kept_rows"]
+
+
+@pytest.mark.parametrize("fmt,options", [
+    ("laion", {}),
+    ("parquet", {"dtype": "float16", "list_type": "list"}),
+    ("parquet", {"dtype": "float16", "list_type": "list", "id_column": "item_id"}),
+])
+def test_metadata_of_a_few_rows_is_read_by_position(spark, small_sample, tmp_path, fmt, options):
+    # The report's examples read only the row groups holding them (parquet shards of 1,000 rows hold
+    # four row groups here); each asked row must get its own values, whichever group it sits in.
+    root = tmp_path / "in"
+    write(small_sample, root, fmt, shard_rows=1000, **options)
+    settings = {"input.uri": str(root), "output.uri": str(tmp_path / "out")}
+    if options.get("id_column"):
+        settings["input.id_column"] = options["id_column"]
+    config = config_module.load(None, settings)
+    ids = pq.read_table(tmp_path / "in_ground_truth.parquet").column("row_id").to_numpy()
+    positions = np.random.default_rng(1).choice(ROWS, 60, replace=False)
+    asked = [int(ids[p]) for p in positions] + [int(ids.max()) + 10]  # and an id no row has
+    found = metadata_of(spark, build_manifest(config), config, asked, ["key", "caption", "width", "no_such_column"])
+    assert found == {int(ids[p]): {"key": f"{p:09d}", "caption": small_sample.captions[p],
+                                   "width": str(small_sample.widths[p])} for p in positions}
 
 
 def test_no_duplicates(spark, tmp_path):
