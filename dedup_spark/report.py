@@ -80,7 +80,8 @@ def dataset_views(duplicates, metadata_columns: list[str],
     from pyspark.sql import functions as F
 
     kept = duplicates.where("is_kept")
-    by_size = kept.groupBy("group_size").count().orderBy("group_size").collect()
+    # Small results are sorted here: an orderBy would add a sampling job and a range shuffle.
+    by_size = sorted(kept.groupBy("group_size").count().collect(), key=lambda row: row["group_size"])
     largest = kept.orderBy(F.desc("group_size"), "group_id").limit(LARGEST_GROUPS).select("group_id", "group_size").collect()
     groups = [{"group_id": int(r["group_id"]), "size": int(r["group_size"])} for r in largest]
     if groups:
@@ -88,7 +89,8 @@ def dataset_views(duplicates, metadata_columns: list[str],
         ranked = (duplicates.join(F.broadcast(wanted), "group_id")
                   .withColumn("rank", F.row_number().over(Window.partitionBy("group_id").orderBy(
                       F.desc("is_kept"), "similarity_to_kept", "row_id")))
-                  .where("rank <= 2").orderBy("group_id", "rank").collect())
+                  .where("rank <= 2").collect())
+        ranked.sort(key=lambda row: (row["group_id"], row["rank"]))
         roles = {}
         if metadata_of is not None:
             for role, names in _SHOWN_COLUMNS.items():

@@ -154,6 +154,7 @@ def test_report_html_is_self_contained_and_shows_report_json_numbers(calibrated)
     sizes = duplicates.groupby("group_id").size()
     assert [entry["size"] for entry in report["largest_groups"]] == sorted(sizes, reverse=True)[:50]
     assert dict(map(tuple, report["group_sizes"])) == sizes.value_counts().to_dict()
+    assert [size for size, _ in report["group_sizes"]] == sorted(set(sizes))  # ascending, as the chart draws them
     largest = report["largest_groups"][0]
     kept = duplicates[duplicates.is_kept & (duplicates.group_id == largest["group_id"])].row_id.item()
     assert largest["members"][0]["row_id"] == kept and largest["members"][0]["caption"] == sample.captions[kept]
