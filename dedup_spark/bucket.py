@@ -291,18 +291,13 @@ def _flat_shortfall(valid_rows: int, config: JobConfig) -> tuple[int, int, int] 
     return k, target, wanted
 
 
-def _wanted_rows(valid_rows: int, config: JobConfig) -> tuple[int, int]:
-    """(K, rows for points_per_centroid a centroid, at most every row)."""
-    k = choose_k(max(1, valid_rows), config)
-    return k, _flat_sample(valid_rows, k, config)[1]
-
-
 def cell_fraction(valid_rows: int, config: JobConfig, drawn_from: int | None = None) -> float:
     """two_level: the Bernoulli fraction (seed + 3) of ``drawn_from`` rows (default ``valid_rows``)
     that draws 1.3 x points_per_centroid rows per centroid for the cells' tasks; 0 for flat."""
     if training_method(valid_rows, config) != "two_level":
         return 0.0
-    return _overdraw(_wanted_rows(valid_rows, config)[1], valid_rows, drawn_from)
+    wanted = _flat_sample(valid_rows, choose_k(max(1, valid_rows), config), config)[1]
+    return _overdraw(wanted, valid_rows, drawn_from)
 
 
 def _overdraw(rows: int, valid_rows: int, drawn_from: int | None) -> float:
