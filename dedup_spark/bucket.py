@@ -339,7 +339,7 @@ def _train_two_level(cells_sample: DataFrame, drawn: float, sample: np.ndarray, 
     def label(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         quantizer = kernels.build_quantizer(coarse, "flat")
         for batch in batches:
-            embeddings = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
+            embeddings = kernels.as_float32(binary_matrix(batch.column("embedding"), dim))
             cell = kernels.assign_buckets(embeddings, quantizer, 1)[:, 0]
             # Nested in the draw: a row kept here is one of the cell's smallest sample hashes.
             kept = kernels.sample_hash(batch.column("row_id").to_numpy(), sample_seed) < drawn * keep[cell]
@@ -349,7 +349,7 @@ def _train_two_level(cells_sample: DataFrame, drawn: float, sample: np.ndarray, 
 
     def train_cell(cell: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         cell = int(cell)
-        embeddings = binary_matrix(rows.column("embedding"), dim).astype(np.float32)
+        embeddings = kernels.as_float32(binary_matrix(rows.column("embedding"), dim))
         order = np.argsort(kernels.sample_hash(rows.column("row_id").to_numpy(), sample_seed), kind="stable")
         centroids = kernels.train_centroids(embeddings[order[: int(wanted[cell])]], int(per_cell[cell]), iterations,
                                             seed * 1_000_003 + cell + 1)
@@ -404,7 +404,7 @@ def _training_sample(spark: SparkSession, rows_uri: str, valid_rows: int, dim: i
     target = training_target(valid_rows, config)
     fraction = training_fraction(valid_rows, config)
     sample = read.sample_valid_rows(spark, rows_uri, fraction, config.bucketing.seed, target, stored)
-    return binary_matrix(sample.column("embedding"), dim).astype(np.float32)
+    return kernels.as_float32(binary_matrix(sample.column("embedding"), dim))
 
 
 def quantizer_kind(k: int, config: JobConfig) -> str:
@@ -445,9 +445,11 @@ def load_model(model_uri: str, model_id: str = "",
             if hasattr(index, "hnsw"):
                 index.hnsw.efSearch = max(index.hnsw.efSearch, 64)
             quantizers.append(index)
+        # Built once per worker: the margin test then reads two centroids' distance per row.
+        separations = [None if c is None else kernels.centroid_separations(c) for c in centroids]
 
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
-            return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], margin)
+            return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], margin, separations[r])
 
     def assign_rows(embeddings: np.ndarray) -> np.ndarray:
         ids = [per_round(embeddings, r) + r * model.buckets_per_round for r in range(model.rounds)]

@@ -29,7 +29,7 @@ from pyspark.sql import types as T
 
 from dedup_spark import minhash
 from dedup_spark.config import CaptionsConfig, JobConfig
-from dedup_spark.kernels import components
+from dedup_spark.kernels import as_float32, components
 from dedup_spark.read import CAPTION_SCHEMA, VALID_SCHEMA
 from dedup_spark.tables import BatchTransform, binary_matrix
 
@@ -231,7 +231,7 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: RowReader, dim: 
         for batch in _merge_captions(batches) if with_captions else batches:
             if batch.num_rows == 0:
                 continue
-            own = binary_matrix(batch.column("embedding"), dim).astype(np.float32)
+            own = as_float32(binary_matrix(batch.column("embedding"), dim))
             group_id = batch.column("group_id").to_numpy()
             is_kept = batch.column("is_kept").to_numpy(zero_copy_only=False)
             # Each group starts with its kept row: a row's kept row is the last kept row so far.

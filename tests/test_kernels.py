@@ -31,17 +31,36 @@ def test_normalize_matches_contract_and_flags_bad_rows():
 
 def test_normalize_is_exact_across_slabs_and_extreme_values():
     rng = np.random.default_rng(1)
-    raw = rng.standard_normal((10_000, 16)).astype(np.float32)
+    # Three slabs and a part of d=16, bad rows in each.
+    raw = rng.standard_normal((3 * kernels._NORMALIZE_VALUES // 16 + 500, 16)).astype(np.float32)
     raw[5000] = 1e30  # squares overflow float32 but not the float64 sum: a good row
     raw[6000, 3] = np.inf
     raw[9000] = 0
     raw[9500] = 1e-30  # tiny but normalisable: a good row
+    raw[20000, 0] = np.nan
+    raw[40000] = -0.0
+    raw[len(raw) - 1, 15] = -np.inf
     normalized, reasons = kernels.normalize_rows(raw)
-    bad = {6000: "not_finite", 9000: "zero_norm"}
+    bad = {6000: "not_finite", 9000: "zero_norm", 20000: "not_finite", 40000: "zero_norm", len(raw) - 1: "not_finite"}
     assert {i: r for i, r in enumerate(reasons) if r is not None} == bad
     good = np.array([i for i in range(len(raw)) if i not in bad])
     assert np.array_equal(normalized[good], normalize(raw[good]))
     assert not normalized[list(bad)].any()
+    # float16 input (the stored and LAION form) gives the same as its float32 widening.
+    half = raw[:3000].astype(np.float16)
+    assert np.array_equal(kernels.normalize_rows(half)[0], kernels.normalize_rows(half.astype(np.float32))[0])
+
+
+def test_as_float32_widens_every_float16_exactly():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(-1, 64)
+    widened = kernels.as_float32(every)
+    assert widened.dtype == np.float32 and widened.flags.c_contiguous
+    # Bit for bit numpy's widening, NaNs included.
+    assert np.array_equal(widened.view(np.uint32), every.astype(np.float32).view(np.uint32))
+    # Views that are not contiguous, no rows, other dtypes.
+    assert np.array_equal(kernels.as_float32(every[::3, 5:40]), every[::3, 5:40].astype(np.float32), equal_nan=True)
+    assert kernels.as_float32(every[:0]).shape == (0, 64)
+    assert np.array_equal(kernels.as_float32(np.arange(6.0).reshape(2, 3)), np.arange(6, dtype=np.float32).reshape(2, 3))
 
 
 def _as_dict(blocks, ids_left, ids_right):
@@ -221,11 +240,13 @@ def test_near_copy_centroids_are_merged_and_no_others(kind):
     assert (full[300:].max(axis=1) >= min_cosine).all()
 
 
-def test_margin_keeps_a_further_bucket_only_near_its_border(sample):
+@pytest.mark.parametrize("table", [False, True])
+def test_margin_keeps_a_further_bucket_only_near_its_border(sample, table):
     stored = normalize(sample.embeddings).astype(np.float32)
     centroids = kernels.train_centroids(stored, 16, 10, 0)
     margin = 0.3 * np.sqrt(2 * (1 - 0.95))
-    buckets = kernels.assign_buckets(stored, centroids, 3, centroids, margin)
+    separations = kernels.centroid_separations(centroids) if table else None
+    buckets = kernels.assign_buckets(stored, centroids, 3, centroids, margin, separations)
     # Oracle: float64 Euclidean distances to every centroid, and each row's distance to the
     # bisector between its nearest centroid and its 2nd / 3rd nearest.
     x, c = stored.astype(np.float64), centroids.astype(np.float64)
@@ -241,10 +262,18 @@ def test_margin_keeps_a_further_bucket_only_near_its_border(sample):
     assert np.mean(buckets[:, 0] == order[:, 0]) > 0.995, "the nearest bucket is always joined"
     sizes = [len(g) for g in got]
     assert 1 < np.mean(sizes) < 3, "the margin keeps some further buckets and drops others"
-    assert np.array_equal(kernels.assign_buckets(stored, centroids, 3, centroids, np.inf),
+    assert np.array_equal(kernels.assign_buckets(stored, centroids, 3, centroids, np.inf, separations),
                           kernels.assign_buckets(stored, centroids, 3))
-    nearest_only = kernels.assign_buckets(stored, centroids, 3, centroids, 0.0)
+    nearest_only = kernels.assign_buckets(stored, centroids, 3, centroids, 0.0, separations)
     assert (nearest_only == nearest_only[:, :1]).all()
+    if table:
+        # The table's distances are the rows' own up to rounding, and decide the same buckets.
+        wide = centroids.astype(np.float64)
+        direct = np.linalg.norm(wide[:, None, :] - wide[None, :, :], axis=2)
+        assert np.allclose(separations, direct, rtol=1e-5, atol=1e-6)
+        per_row = kernels.assign_buckets(stored, centroids, 3, centroids, margin)
+        assert np.mean((buckets == per_row).all(axis=1)) > 0.999
+        assert kernels.centroid_separations(np.zeros((kernels.SEPARATION_TABLE_MAX_K + 1, 2))) is None
 
 
 @pytest.mark.parametrize("threshold", [0.9, 0.95])
