@@ -446,7 +446,7 @@ def load_model(model_uri: str, model_id: str = "",
                 index.hnsw.efSearch = max(index.hnsw.efSearch, 64)
             quantizers.append(index)
         # Built once per worker: the margin test then reads two centroids' distance per row.
-        separations = [None if c is None else kernels.centroid_separations(c) for c in centroids]
+        separations = [None if c is None or model.m == 1 else kernels.centroid_separations(c) for c in centroids]
 
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
             return kernels.assign_buckets(embeddings, quantizers[r], model.m, centroids[r], margin, separations[r])
