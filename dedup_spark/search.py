@@ -16,11 +16,15 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
   share, so each pair is emitted exactly once over the whole search.
 - ``level == PAIR_COUNT`` / ``HISTOGRAM``: per-task counts, (row_id_a = threshold
   index or histogram bin, row_id_b = owned pairs), summed by ``search_stats``.
+- ``level == KERNEL_MICROS``: (0, microseconds the task spent in ``kernels.graph_search``), so the
+  report can split the stage into the kernel and the data path that feeds it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +44,7 @@ EDGES_SCHEMA = T.StructType([
 PAIR = -1
 PAIR_COUNT = -2
 HISTOGRAM = -3
+KERNEL_MICROS = -4
 HISTOGRAM_BINS = 100
 
 
@@ -54,14 +59,17 @@ def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: i
     right_mask = side == 1
     left_nodes = np.flatnonzero(~right_mask)
     right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
+    started = time.perf_counter()
     found = kernels.graph_search(embeddings, left_nodes, right_nodes, thresholds, block_rows, block_memory,
                                  buckets, bucket_id, all_pairs, HISTOGRAM_BINS)
+    micros = round((time.perf_counter() - started) * 1e6)
     for level, (a, b, similarity) in enumerate(found.forests):
         if len(a):
             yield _edges_batch(row_ids, a, b, similarity, level)
     for a, b, similarity in found.pairs:
         yield _edges_batch(row_ids, a, b, similarity, PAIR)
-    for level, counts in ((PAIR_COUNT, found.pair_counts), (HISTOGRAM, found.histogram)):
+    for level, counts in ((PAIR_COUNT, found.pair_counts), (HISTOGRAM, found.histogram),
+                          (KERNEL_MICROS, np.array([micros]))):
         index = np.flatnonzero(counts)
         if index.size:
             yield pa.RecordBatch.from_arrays(
@@ -102,21 +110,31 @@ def found_pairs(edges: DataFrame) -> DataFrame:
     return edges.where(F.col("level") == PAIR).select("row_id_a", "row_id_b", "similarity")
 
 
-def search_stats(edges: DataFrame, levels: int) -> tuple[list[int], list[int], list[int]]:
-    """Owned pairs per threshold, the similarity histogram (both summed over tasks) and the spanning
-    edges per threshold, in one scan (small: collected)."""
+class SearchStats(NamedTuple):
+    pair_counts: list[int]  # owned pairs per threshold
+    histogram: list[int]  # owned pairs per similarity bin (HISTOGRAM_BINS from the search threshold)
+    forest_edges: list[int]  # spanning edges per threshold
+    kernel_seconds: float  # summed over tasks: time inside kernels.graph_search
+
+
+def search_stats(edges: DataFrame, levels: int) -> SearchStats:
+    """The per-task counters summed over tasks, and the spanning edges per threshold, in one scan
+    (small: collected)."""
     counts_row = F.col("level") <= PAIR_COUNT
     totals = (edges.where(counts_row | (F.col("level") >= 0))
               .groupBy("level", F.when(counts_row, F.col("row_id_a")).alias("index"))
               .agg(F.sum(F.when(counts_row, F.col("row_id_b")).otherwise(1)).alias("count")).collect())
     pair_counts, histogram, forest_edges = [0] * levels, [0] * HISTOGRAM_BINS, [0] * levels
+    kernel_micros = 0
     for row in totals:
         if row["level"] >= 0:
             forest_edges[row["level"]] = int(row["count"])
+        elif row["level"] == KERNEL_MICROS:
+            kernel_micros += int(row["count"])
         else:
             target = pair_counts if row["level"] == PAIR_COUNT else histogram
             target[int(row["index"])] = int(row["count"])
-    return pair_counts, histogram, forest_edges
+    return SearchStats(pair_counts, histogram, forest_edges, kernel_micros / 1e6)
 
 
 PROBE_PAIRS_SCHEMA = T.StructType([

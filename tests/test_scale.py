@@ -125,6 +125,9 @@ def test_one_100k_copy_group_keeps_edges_linear(spark, tmp_path):
     assert report["search"]["edges_emitted"] < blocks * len(rows), report["search"]
     assert report["search"]["pairs_written"] <= report["search"]["edges_emitted"]
     assert report["accounting"]["kept_rows"] == len(rows) - (len(expected) - len(set(expected.values())))
+    # The tasks' kernel time is part of the stage's core-seconds (the rest feeds the kernel its rows).
+    kernel = report["search"]["kernel_task_seconds"]
+    assert 0 < kernel <= report["timings_seconds"]["search"] * spark.sparkContext.defaultParallelism, kernel
 
 
 def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
@@ -135,13 +138,15 @@ def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
     rows = [(int(a), int(a) + 1, 0.97, level) for a, level in zip(rng.integers(0, 10**6, len(levels)), levels)]
     # Two tasks' counters: owned pairs per threshold index, and histogram bins.
     counters = [(0, 3_000, search.PAIR_COUNT), (1, 900, search.PAIR_COUNT), (0, 2_000, search.PAIR_COUNT),
-                (95, 4_000, search.HISTOGRAM), (99, 1_000, search.HISTOGRAM), (95, 7, search.HISTOGRAM)]
+                (95, 4_000, search.HISTOGRAM), (99, 1_000, search.HISTOGRAM), (95, 7, search.HISTOGRAM),
+                (0, 1_250_000, search.KERNEL_MICROS), (0, 500_000, search.KERNEL_MICROS)]
     rows += [(index, count, 0.0, level) for index, count, level in counters]
     edges = spark.createDataFrame(rows, search.EDGES_SCHEMA).repartition(4)
-    pair_counts, histogram, forest_edges = search.search_stats(edges, 2)
-    assert forest_edges == [levels.count(0), levels.count(1)]
-    assert pair_counts == [5_000, 900]
-    assert histogram[95] == 4_007 and histogram[99] == 1_000 and sum(histogram) == 5_007
+    stats = search.search_stats(edges, 2)
+    assert stats.forest_edges == [levels.count(0), levels.count(1)]
+    assert stats.pair_counts == [5_000, 900]
+    assert stats.histogram[95] == 4_007 and stats.histogram[99] == 1_000 and sum(stats.histogram) == 5_007
+    assert stats.kernel_seconds == 1.75
 
 
 def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
