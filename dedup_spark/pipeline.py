@@ -300,8 +300,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
             calibration.append({"threshold": extra, "pairs": search_result["pair_counts"][level],
                                 "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
         step.done("calibration")
-        schema = read.metadata_schema(manifest, config)
-        views = report.dataset_views(tables.read_table(spark, duplicates_uri), [] if schema is None else schema.names,
+        views = report.dataset_views(tables.read_table(spark, duplicates_uri),
+                                     [] if input_columns is None else input_columns.names,
                                      functools.partial(read.metadata_of, spark, manifest, config),
                                      list(bucket_sizes.values()))
         caption_report = None if caption_name is None else captions.summary(
