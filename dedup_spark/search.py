@@ -129,8 +129,8 @@ def search_stats(edges: DataFrame, levels: int) -> SearchStats:
     for row in totals:
         if row["level"] >= 0:
             forest_edges[row["level"]] = int(row["count"])
-        elif row["level"] == KERNEL_MICROS:
-            kernel_micros += int(row["count"])
+        elif row["level"] == KERNEL_MICROS:  # one row: every task's counter has index 0
+            kernel_micros = int(row["count"])
         else:
             target = pair_counts if row["level"] == PAIR_COUNT else histogram
             target[int(row["index"])] = int(row["count"])
