@@ -215,6 +215,8 @@ def main() -> int:
     result["job"]["kernel_gflops_per_core"] = round(search_flops / kernel_seconds / 1e9, 1)
     result["job"]["kernel_fraction_of_core_peak"] = round(
         result["job"]["kernel_gflops_per_core"] / (result["sgemm_peak_gflops"] / cores), 3)
+    result["job"]["routed_rows"] = report["search"]["routed_rows"]
+    result["job"]["assigned_rows"] = report["bucketing"]["assigned_rows"]
     if args.job_only:
         result["job"]["recall_estimate"] = report["recall_estimate"]
         (results_dir / f"bench-{args.rows}-job.json").write_text(json.dumps(result, indent=2))
@@ -317,7 +319,8 @@ def search_lines(result: dict) -> list[str]:
             f"({job['search_fraction_of_peak']:.0%}) | ≥ 50% |",
             f"| its kernel inside the tasks ({job['kernel_task_seconds']} s of the stage's "
             f"{round(job['stages']['search'] * cores, 1)} core-s) | {job['kernel_gflops_per_core']} GFLOP/s a core "
-            f"({job['kernel_fraction_of_core_peak']:.0%} of a core's share of the peak) | |"]
+            f"({job['kernel_fraction_of_core_peak']:.0%} of a core's share of the peak) | |",
+            f"| rows shuffled to search (bucket joins: {job['assigned_rows']:,}) | {job['routed_rows']:,} | |"]
 
 
 def job_markdown(result: dict) -> str:

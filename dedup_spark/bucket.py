@@ -4,17 +4,22 @@ number of rows.
 
 A bucket larger than ``max_task_rows`` is split into B blocks (by a hash of
 row_id) and searched as B diagonal tasks (a block against itself) plus
-B(B-1)/2 block-pair tasks, so the search stays exact inside the bucket.
+B(B-1)/2 block-pair tasks, so the search stays exact inside the bucket. The
+other buckets are packed: neighbours that share border rows go to one task of
+up to ``search.pack_rows`` rows (``pack_buckets``), which receives a shared row
+once instead of once per bucket.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -36,10 +41,10 @@ ASSIGNED_SCHEMA = T.StructType([
     # one the row joined): the buckets it joins, and the search's ownership rule.
     T.StructField("buckets", T.BinaryType(), False),
 ])
-# What the search stage shuffles: a row once per search task of each bucket it joins.
+# What the search stage shuffles: a row once per search task it feeds (a task searches one bucket,
+# a pack of buckets, or a pair of blocks of a split bucket; SearchPlan.task_buckets says which).
 ROUTED_SCHEMA = T.StructType([
     T.StructField("task_id", T.IntegerType(), False),
-    T.StructField("bucket_id", T.IntegerType(), False),
     T.StructField("side", T.IntegerType(), False),
     T.StructField("row_id", T.LongType(), False),
     T.StructField("embedding", T.BinaryType(), False),
@@ -47,6 +52,11 @@ ROUTED_SCHEMA = T.StructType([
 ])
 # Fraction of max_task_rows one block aims at; hashing makes block sizes vary a little.
 _BLOCK_FILL = 0.45
+# A task's estimated cost: its pairs compared plus this many per row it receives. Measured at 1M
+# rows (session 16): ~17 ns of kernel a pair, ~19 us of shuffle, sort and Arrow a row.
+_ROW_COST = 1000
+# Links per bucket that packing considers: a bucket's border rows go mostly to a few neighbours.
+_PACK_NEIGHBOURS = 16
 
 
 def choose_k(rows: int, config: JobConfig) -> int:
@@ -483,18 +493,44 @@ def joined_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(joins)[0], buckets[joins]
 
 
-def bucket_sizes(assigned: DataFrame, width: int) -> dict[int, int]:
-    """Rows per bucket, counted from the assign table (small: K numbers reach the driver)."""
+class BucketCounts(NamedTuple):
+    sizes: dict[int, int]  # rows per bucket
+    shared: np.ndarray  # (bucket_a, bucket_b, rows joining both), bucket_a < bucket_b, int64
+
+
+def bucket_counts(assigned: DataFrame, width: int) -> BucketCounts:
+    """Rows per bucket and rows per pair of buckets, counted from the assign table (small: at most
+    K numbers and the bucket pairs rows share, a few dozen per bucket, reach the driver)."""
 
     def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
-            ids, counts = np.unique(joined_buckets(binary_matrix(batch.column("buckets"), width, "int32"))[1],
-                                    return_counts=True)
-            yield pa.RecordBatch.from_arrays([pa.array(ids), pa.array(counts)], names=["bucket_id", "rows"])
+            slots = binary_matrix(batch.column("buckets"), width, "int32")
+            ids, counts = np.unique(joined_buckets(slots)[1], return_counts=True)
+            firsts, seconds = [ids], [ids]
+            # Sorted slots: two joined buckets of a row are two first occurrences, the lower one first.
+            first = np.ones(slots.shape, dtype=bool)
+            first[:, 1:] = slots[:, 1:] != slots[:, :-1]
+            for i in range(width):
+                for j in range(i + 1, width):
+                    both = first[:, i] & first[:, j]
+                    firsts.append(slots[both, i])
+                    seconds.append(slots[both, j])
+            pair_keys = np.stack([np.concatenate(firsts[1:]) if width > 1 else np.zeros(0, np.int32),
+                                  np.concatenate(seconds[1:]) if width > 1 else np.zeros(0, np.int32)], axis=1)
+            pairs, pair_counts = np.unique(pair_keys, axis=0, return_counts=True)
+            yield pa.RecordBatch.from_arrays(
+                [pa.array(np.concatenate([ids, pairs[:, 0]]).astype(np.int32)),
+                 pa.array(np.concatenate([ids, pairs[:, 1]]).astype(np.int32)),
+                 pa.array(np.concatenate([counts, pair_counts]).astype(np.int64))],
+                names=["bucket_a", "bucket_b", "rows"])
 
-    counted = assigned.select("buckets").mapInArrow(count, "bucket_id int, rows long")
-    totals = counted.groupBy("bucket_id").agg(F.sum("rows").alias("rows")).collect()
-    return {int(r["bucket_id"]): int(r["rows"]) for r in totals}
+    counted = assigned.select("buckets").mapInArrow(count, "bucket_a int, bucket_b int, rows long")
+    totals = counted.groupBy("bucket_a", "bucket_b").agg(F.sum("rows").alias("rows")).toArrow()
+    a, b = totals.column("bucket_a").to_numpy(), totals.column("bucket_b").to_numpy()
+    rows = totals.column("rows").to_numpy()
+    single = a == b
+    return BucketCounts({int(k): int(n) for k, n in zip(a[single], rows[single])},
+                        np.stack([a[~single], b[~single], rows[~single]], axis=1).astype(np.int64).reshape(-1, 3))
 
 
 @dataclass(frozen=True)
@@ -507,42 +543,102 @@ class SearchPlan:
     largest_task_rows: int
     split_buckets: int
     comparisons: int  # row pairs whose similarity the search computes (each costs d multiply-adds)
+    task_buckets: dict[int, list[int]]  # the buckets each task searches (several: a pack)
 
 
-def plan_search(bucket_sizes: dict[int, int], cap: int) -> SearchPlan:
-    """Split buckets over ``cap`` into blocks; one task per bucket or per block pair."""
-    blocks, routes = [], []
-    task = 0
-    largest = 0
-    split = 0
+def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | None = None,
+                pack_rows: int = 0) -> SearchPlan:
+    """Split buckets over ``cap`` into blocks; one task per bucket or per block pair. Buckets that
+    share rows (``shared``: bucket_counts' pairs) are packed into one task of up to ``pack_rows``
+    rows, so a row joining two of them is shuffled once (``pack_buckets``).
+
+    Tasks are numbered by falling estimated cost (pairs compared plus ``_ROW_COST`` a row), so
+    task_id modulo the partitions deals the costliest out first and evenly."""
+    blocks, tasks = [], []  # tasks: (cost, rows, [(bucket, block, side)])
     comparisons = 0
+    split = 0
     block_rows = max(1, int(cap * _BLOCK_FILL))
+    whole = {b: n for b, n in bucket_sizes.items() if n <= cap}
+    packs = pack_buckets(whole, shared if shared is not None else np.zeros((0, 3), np.int64), min(pack_rows, cap))
+    for members, rows in packs:
+        pairs = sum(bucket_sizes[b] * (bucket_sizes[b] - 1) // 2 for b in members)
+        comparisons += pairs
+        tasks.append((pairs + _ROW_COST * rows, rows, [(b, 0, 0) for b in members]))
     for bucket_id, size in sorted(bucket_sizes.items()):
         count = 1 if size <= cap else math.ceil(size / block_rows)
         blocks.append((bucket_id, count))
         if count == 1:
-            routes.append((bucket_id, 0, task, 0))
-            task += 1
-            largest = max(largest, size)
-            comparisons += size * (size - 1) // 2
             continue
         split += 1
         comparisons += size * (size - 1) // 2  # blocks by hash: every pair of the bucket, once
-        largest = max(largest, 2 * math.ceil(size / count))
+        block = math.ceil(size / count)
         for i in range(count):
             for j in range(i, count):
-                routes.append((bucket_id, i, task, 0))
-                if j != i:
-                    routes.append((bucket_id, j, task, 1))
-                task += 1
-    return SearchPlan(blocks, routes, task, largest, split, comparisons)
+                pairs = block * (block - 1) // 2 if i == j else block * block
+                sides = [(bucket_id, i, 0)] + ([(bucket_id, j, 1)] if j != i else [])
+                tasks.append((pairs + _ROW_COST * block * len(sides), block * len(sides), sides))
+    tasks.sort(key=lambda task: -task[0])
+    routes = [(b, block, task_id, side) for task_id, (_, _, sides) in enumerate(tasks) for b, block, side in sides]
+    task_buckets = {task_id: sorted({b for b, _, _ in sides}) for task_id, (_, _, sides) in enumerate(tasks)}
+    return SearchPlan(blocks, routes, len(tasks), max((rows for _, rows, _ in tasks), default=0), split, comparisons,
+                      task_buckets)
+
+
+def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int) -> list[tuple[list[int], int]]:
+    """Buckets grouped into packs of at most ``limit`` distinct rows (a bucket alone may be larger),
+    as (bucket ids, rows). ``shared``: (bucket_a, bucket_b, rows in both).
+
+    A row near a border joins two buckets and would be shuffled to each; in one pack it travels
+    once. Greedy agglomeration: repeatedly merge the two packs whose shared rows are largest
+    against their combined size, while the merged pack fits. Only each bucket's
+    ``_PACK_NEIGHBOURS`` strongest links are considered, which bounds the driver's work at large K.
+    (With more than two buckets a row, bucketing.rounds > 1 or m > 2, a row in three buckets of a
+    pack is subtracted more than once, so a pack may hold more rows than ``limit``; ``limit`` is
+    at most max_task_rows, which counts 8d + 128 bytes a row where a pack holds its rows' 2d.)"""
+    rows = {b: int(n) for b, n in sizes.items()}
+    links: dict[int, dict[int, int]] = {b: {} for b in rows}
+    if limit > 0 and len(shared):
+        a, b, n = shared[:, 0], shared[:, 1], shared[:, 2]
+        keep = np.isin(a, list(rows)) & np.isin(b, list(rows))
+        a, b, n = a[keep], b[keep], n[keep]
+        ends, others, weights = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([n, n])
+        order = np.lexsort((-weights, ends))
+        rank = np.arange(order.size) - np.searchsorted(ends[order], ends[order])
+        strong = order[rank < _PACK_NEIGHBOURS]
+        for x, y, w in zip(ends[strong].tolist(), others[strong].tolist(), weights[strong].tolist()):
+            links[x][y] = links[y][x] = w
+    members = {b: [b] for b in rows}
+    heap = [(-w / (rows[x] + rows[y]), x, y, w) for x in links for y, w in links[x].items() if x < y]
+    heapq.heapify(heap)
+    while heap:
+        _, x, y, w = heapq.heappop(heap)
+        if x not in members or y not in members or links[x].get(y) != w:
+            continue  # stale: one side was merged since
+        # Never below either part: with more than two buckets a row, links summed over merged
+        # buckets can count a row twice.
+        union = max(rows[x] + rows[y] - w, rows[x], rows[y])
+        if union > limit:
+            continue
+        members[x] += members.pop(y)
+        rows[x] = union
+        rows.pop(y)
+        del links[x][y]
+        for z, wz in links.pop(y).items():
+            if z == x:
+                continue
+            del links[z][y]
+            links[x][z] = links[z][x] = links[x].get(z, 0) + wz
+        for z, wz in links[x].items():
+            heapq.heappush(heap, (-wz / (rows[x] + rows[z]), min(x, z), max(x, z), wz))
+    return [(sorted(bucket_ids), rows[root]) for root, bucket_ids in sorted(members.items())]
 
 
 def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch, pa.RecordBatch],
                                                                        Iterator[pa.RecordBatch]]:
     """A function from a batch of accepted rows (row_id, embedding) and their assign rows to the rows
     of every search task they feed (ROUTED_SCHEMA): a row goes once to the task of each bucket it
-    joins, or, in a split bucket, to every task of its block (chosen by a hash of row_id)."""
+    joins, or, in a split bucket, to every task of its block (chosen by a hash of row_id); a row
+    joining several buckets of one pack goes to that task once."""
     bucket_ids = np.array([b for b, _ in plan.blocks], dtype=np.int64)
     block_counts = np.array([c for _, c in plan.blocks], dtype=np.int64)
     # Flat block index of (bucket, block) = first_block[bucket] + block; each flat block's routes
@@ -570,9 +666,12 @@ def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch,
         # Position of each copy among its block's routes.
         within = np.arange(len(source)) - np.repeat(np.cumsum(copies) - copies, copies)
         chosen = route_start[flat_block[source]] + within
-        take = pa.array(row_index[source])
+        source_row = row_index[source]
+        # One copy per (row, task, side): a pack's buckets share the task.
+        once = np.unique((source_row * plan.tasks + route_task[chosen]) * 2 + route_side[chosen], return_index=True)[1]
+        take = pa.array(source_row[once])
         yield pa.RecordBatch.from_arrays(
-            [pa.array(route_task[chosen]), pa.array(bucket[source].astype(np.int32)), pa.array(route_side[chosen]),
+            [pa.array(route_task[chosen[once]]), pa.array(route_side[chosen[once]]),
              rows.column("row_id").take(take), rows.column("embedding").take(take), assigned.column("buckets").take(take)],
             names=ROUTED_SCHEMA.names)
 

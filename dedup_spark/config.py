@@ -56,6 +56,7 @@ class SearchConfig:
     threshold: float = 0.95
     thresholds: list[float] = field(default_factory=list)
     max_task_rows: int | None = None
+    pack_rows: int | None = None
     query_block_rows: int = 1024
 
 
@@ -289,6 +290,7 @@ def validate(config: JobConfig) -> None:
         (config.bucketing.max_train_rows >= 1, "bucketing.max_train_rows must be >= 1"),
         (config.bucketing.kmeans_iterations >= 1, "bucketing.kmeans_iterations must be >= 1"),
         (config.search.max_task_rows is None or config.search.max_task_rows >= 2, "search.max_task_rows must be >= 2"),
+        (config.search.pack_rows is None or config.search.pack_rows >= 0, "search.pack_rows must be >= 0"),
         (config.search.query_block_rows >= 1, "search.query_block_rows must be >= 1"),
         (config.group.max_rounds >= 1, "group.max_rounds must be >= 1"),
         (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),

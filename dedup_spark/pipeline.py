@@ -201,13 +201,14 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         info = write_valid_tables(spark, rows_uri, outputs)["assigned"]
         if info.rows != valid_count:
             raise report.AccountingError(f"assign wrote {info.rows} rows for {valid_count} valid rows")
-        sizes = bucket.bucket_sizes(tables.read_table(spark, assigned_uri), model.width)
+        sizes, shared = bucket.bucket_counts(tables.read_table(spark, assigned_uri), model.width)
         joins = sum(sizes.values())
         # Every row joins at least its nearest bucket of each round, at most model.width buckets.
         if not valid_count * model.rounds <= joins <= valid_count * model.width:
             raise report.AccountingError(f"rows joined {joins} buckets, not between {valid_count} valid rows x "
                                          f"{model.rounds} and x {model.width}: rows would go unsearched")
         storage.write_npy(storage.join(work, "bucket_sizes.npy"), np.array(sorted(sizes.items()), dtype=np.int64).reshape(-1, 2))
+        storage.write_npy(storage.join(work, "bucket_pairs.npy"), shared)
         return {"rows": joins, "buckets": len(sizes), "probe_rows": probe_rows,
                 "note": f"{len(sizes)} non-empty buckets" + (f", {probe_rows} recall probes" if probing else "")}
 
@@ -216,29 +217,43 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     assign_result = stages.run("assign", {"threshold": threshold if model.margin is not None or probing else None,
                                           "probes": config.estimate.sample_rows if probing else 0}, assign_stage)
     bucket_sizes = {int(b): int(c) for b, c in storage.read_npy(storage.join(work, "bucket_sizes.npy"))}
+    # An assign stage reused from before bucket pairs were counted leaves none: no packing.
+    pairs_uri = storage.join(work, "bucket_pairs.npy")
+    shared_rows = storage.read_npy(pairs_uri) if storage.exists(pairs_uri) else None
     task_memory = bucket.task_memory_bytes(spark)
     cap = bucket.max_task_rows(task_memory, dim, config)
     edges_uri = storage.join(work, "edges")
     thresholds = [threshold, *sorted(set(config.search.thresholds) - {threshold})]
 
+    # Partitions of about 20,000 routed rows (at least 4 a core). Packs of buckets as large as leave
+    # 8 tasks a core (within max_task_rows): 40,000-80,000 rows shuffled 7-10% faster than 20,000
+    # at 1M rows, with the same pairs.
+    cores = spark.sparkContext.defaultParallelism
+    partitions = max(1, max(cores * 4, math.ceil(assign_result["rows"] / 20000)))
+    pack_rows = (config.search.pack_rows if config.search.pack_rows is not None
+                 else math.ceil(assign_result["rows"] / (cores * 8)))
+
     def search_stage() -> dict[str, Any]:
-        plan = bucket.plan_search(bucket_sizes, cap)
-        partitions = max(1, min(plan.tasks, max(spark.sparkContext.defaultParallelism * 4,
-                                                math.ceil(assign_result["rows"] / 20000))))
+        plan = bucket.plan_search(bucket_sizes, cap, shared_rows, pack_rows)
         routed = map_valid_rows_beside(spark, rows_uri, assigned_uri,
                                        bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
-        edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs, partitions,
-                              task_memory // 2, model.width, config.run.fault_task_fraction)
+        edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs,
+                              min(plan.tasks, partitions), task_memory // 2, model.width, plan.task_buckets,
+                              config.run.fault_task_fraction)
         info = tables.write_table(edges, edges_uri)
         stats = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
+                "routed_rows": stats.task_rows, "packed_buckets": sum(len(b) for b in plan.task_buckets.values()
+                                                                      if len(b) > 1),
                 "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows,
                 "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
                 "kernel_task_seconds": round(stats.kernel_seconds, 3),
                 "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
+                        f"{stats.task_rows} rows shuffled for {sum(bucket_sizes.values())} bucket joins, "
                         f"cap {cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
 
     search_settings = {"thresholds": thresholds, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
+                       "pack_rows": pack_rows if shared_rows is not None else 0,
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
@@ -381,11 +396,15 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                       "bucket_sizes": report.size_stats(list(bucket_sizes.values())),
                       "max_task_rows": cap, "search_tasks": search_result["tasks"],
                       "split_buckets": search_result["split_buckets"],
+                      "packed_buckets": search_result.get("packed_buckets"),
                       "largest_task_rows": search_result["largest_task_rows"]},
         "search": {"pairs_found": search_result["pair_counts"][0], "edges_emitted": search_result["rows"],
                    "pairs_written": group_result["pairs_rows"], "comparisons": search_result["comparisons"],
                    # Summed over tasks; the rest of the stage is the shuffle that brings the rows.
-                   "kernel_task_seconds": search_result.get("kernel_task_seconds")},
+                   "kernel_task_seconds": search_result.get("kernel_task_seconds"),
+                   # Rows the shuffle to search carried: each row once per task it feeds (assigned_rows
+                   # counts it once per bucket; a pack of buckets takes it once).
+                   "routed_rows": search_result.get("routed_rows")},
         "calibration": group_result["calibration"],
         "similarity_histogram": {"edges": [round(float(e), 6) for e in
                                            kernels.histogram_edges(threshold, search.HISTOGRAM_BINS)],

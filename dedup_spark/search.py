@@ -1,15 +1,17 @@
 """Search stage: exact cosine search inside each search task, in Spark tasks.
 
-Each task holds one bucket (or one block, or one pair of blocks of a split
-bucket) and compares every row with every other by float32 matrix products,
-with an exact float64 check near each threshold (``kernels.graph_search``).
+Each task holds one bucket, a pack of buckets that share rows (each searched
+over its own rows; a shared row arrives once), or one pair of blocks of a
+split bucket, and compares every row of a bucket with every other by float32
+matrix products, with an exact float64 check near each threshold
+(``kernels.graph_search``).
 
 What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
 - ``level >= 0``: a spanning forest of the task's >= ``thresholds[level]``
   graph (level 0 is the search threshold; higher levels exist only for
-  threshold calibration). Never more edges than rows, so a group of g copies
-  costs g - 1 edges, not g^2 / 2.
+  threshold calibration), over all of a pack's buckets. Never more edges than
+  rows, so a group of g copies costs g - 1 edges, not g^2 / 2.
 - ``level == PAIR`` (``output.pairs: all`` only): every pair >= the search
   threshold that this task owns. A pair that meets in several buckets (soft
   assignment, several rounds) is owned by the smallest bucket id the two rows
@@ -18,6 +20,7 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
   index or histogram bin, row_id_b = owned pairs), summed by ``search_stats``.
 - ``level == KERNEL_MICROS``: (0, microseconds the task spent in ``kernels.graph_search``), so the
   report can split the stage into the kernel and the data path that feeds it.
+- ``level == TASK_ROWS``: (0, rows the task received): summed, the rows the shuffle carried.
 """
 
 from __future__ import annotations
@@ -45,31 +48,59 @@ PAIR = -1
 PAIR_COUNT = -2
 HISTOGRAM = -3
 KERNEL_MICROS = -4
+TASK_ROWS = -5
 HISTOGRAM_BINS = 100
 
 
 def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool,
-                block_memory: int = 256 << 20, bucket_id: int = 0, bucket_width: int = 0) -> Iterator[pa.RecordBatch]:
+                block_memory: int = 256 << 20, bucket_ids: list[int] | None = None,
+                bucket_width: int = 0) -> Iterator[pa.RecordBatch]:
     """Edges of one search task. ``rows``: side, row_id, embedding and (when ``bucket_width``) buckets,
-    every row's ``bucket_width`` bucket ids; side is 1 only for the second block of a block pair."""
+    every row's ``bucket_width`` bucket ids; side is 1 only for the second block of a block pair.
+    ``bucket_ids``: the buckets the task searches, each over the rows that joined it (several: a
+    pack; None: all rows are one bucket, 0); a pair is compared in each of them it shares."""
     side = rows.column("side").to_numpy()
     row_ids = rows.column("row_id").to_numpy()
     embeddings = binary_matrix(rows.column("embedding"), dim)
     buckets = binary_matrix(rows.column("buckets"), bucket_width, "int32") if bucket_width else None
     right_mask = side == 1
-    left_nodes = np.flatnonzero(~right_mask)
-    right_nodes = np.flatnonzero(right_mask) if right_mask.any() else None
-    started = time.perf_counter()
-    found = kernels.graph_search(embeddings, left_nodes, right_nodes, thresholds, block_rows, block_memory,
-                                 buckets, bucket_id, all_pairs, HISTOGRAM_BINS)
-    micros = round((time.perf_counter() - started) * 1e6)
-    for level, (a, b, similarity) in enumerate(found.forests):
+    bucket_ids = bucket_ids or [0]
+    levels = len(thresholds)
+    forests: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in thresholds]
+    pair_counts = np.zeros(levels, np.int64)
+    histogram = np.zeros(HISTOGRAM_BINS, np.int64)
+    kernel_seconds = 0.0
+    packed = len(bucket_ids) > 1 and buckets is not None
+    for bucket_id in bucket_ids:
+        started = time.perf_counter()
+        if packed:
+            # Each bucket's rows gathered first, so the kernel's union-find and gathers span the
+            # bucket, not the pack.
+            nodes = np.flatnonzero((buckets == bucket_id).any(axis=1))
+            points, right, owners = embeddings[nodes], right_mask[nodes], buckets[nodes]
+        else:
+            nodes, points, right, owners = np.arange(len(row_ids)), embeddings, right_mask, buckets
+        found = kernels.graph_search(points, np.flatnonzero(~right), np.flatnonzero(right) if right.any() else None,
+                                     thresholds, block_rows, block_memory, owners, bucket_id, all_pairs,
+                                     HISTOGRAM_BINS)
+        kernel_seconds += time.perf_counter() - started
+        for level, (a, b, similarity) in enumerate(found.forests):
+            forests[level].append((nodes[a], nodes[b], similarity))
+        for a, b, similarity in found.pairs:
+            yield _edges_batch(row_ids, nodes[a], nodes[b], similarity, PAIR)
+        pair_counts += found.pair_counts
+        histogram += found.histogram
+    for level, edges in enumerate(forests):
+        a, b, similarity = (np.concatenate(column) for column in zip(*edges))
+        if len(bucket_ids) > 1 and len(a):
+            # A row in two of the pack's buckets links their groups: one forest over the whole pack.
+            keep = kernels.SpanningForest(len(row_ids)).add(a, b, similarity)
+            a, b, similarity = a[keep], b[keep], similarity[keep]
         if len(a):
             yield _edges_batch(row_ids, a, b, similarity, level)
-    for a, b, similarity in found.pairs:
-        yield _edges_batch(row_ids, a, b, similarity, PAIR)
-    for level, counts in ((PAIR_COUNT, found.pair_counts), (HISTOGRAM, found.histogram),
-                          (KERNEL_MICROS, np.array([micros]))):
+    micros = round(kernel_seconds * 1e6)
+    for level, counts in ((PAIR_COUNT, pair_counts), (HISTOGRAM, histogram), (KERNEL_MICROS, np.array([micros])),
+                          (TASK_ROWS, np.array([len(row_ids)]))):
         index = np.flatnonzero(counts)
         if index.size:
             yield pa.RecordBatch.from_arrays(
@@ -89,15 +120,17 @@ def _edges_batch(row_ids: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: 
 
 
 def search(routed: DataFrame, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool, partitions: int,
-           block_memory: int, bucket_width: int, fault_fraction: float = 0.0) -> DataFrame:
-    """Edges (EDGES_SCHEMA) from every search task; a spanning edge found in several tasks may repeat."""
+           block_memory: int, bucket_width: int, task_buckets: dict[int, list[int]],
+           fault_fraction: float = 0.0) -> DataFrame:
+    """Edges (EDGES_SCHEMA) from every search task; a spanning edge found in several tasks may repeat.
+    ``task_buckets``: SearchPlan.task_buckets. Task t runs in partition t modulo ``partitions``."""
 
     def handle(task_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         faults.maybe_fail("search", fault_fraction, task_id)
-        bucket_id = int(rows.column("bucket_id")[0].as_py())
-        yield from search_task(rows, dim, thresholds, block_rows, all_pairs, block_memory, bucket_id, bucket_width)
+        yield from search_task(rows, dim, thresholds, block_rows, all_pairs, block_memory,
+                               task_buckets[int(task_id)], bucket_width)
 
-    return stream_groups(routed, "task_id", ["side", "row_id"], partitions, handle, EDGES_SCHEMA)
+    return stream_groups(routed, "task_id", ["side", "row_id"], partitions, handle, EDGES_SCHEMA, by_id=True)
 
 
 def forest(edges: DataFrame, level: int = 0) -> DataFrame:
@@ -115,6 +148,7 @@ class SearchStats(NamedTuple):
     histogram: list[int]  # owned pairs per similarity bin (HISTOGRAM_BINS from the search threshold)
     forest_edges: list[int]  # spanning edges per threshold
     kernel_seconds: float  # summed over tasks: time inside kernels.graph_search
+    task_rows: int  # summed over tasks: rows received, i.e. carried by the shuffle to search
 
 
 def search_stats(edges: DataFrame, levels: int) -> SearchStats:
@@ -125,16 +159,16 @@ def search_stats(edges: DataFrame, levels: int) -> SearchStats:
               .groupBy("level", F.when(counts_row, F.col("row_id_a")).alias("index"))
               .agg(F.sum(F.when(counts_row, F.col("row_id_b")).otherwise(1)).alias("count")).collect())
     pair_counts, histogram, forest_edges = [0] * levels, [0] * HISTOGRAM_BINS, [0] * levels
-    kernel_micros = 0
+    single = {KERNEL_MICROS: 0, TASK_ROWS: 0}  # one row each: every task's counter has index 0
     for row in totals:
         if row["level"] >= 0:
             forest_edges[row["level"]] = int(row["count"])
-        elif row["level"] == KERNEL_MICROS:  # one row: every task's counter has index 0
-            kernel_micros = int(row["count"])
+        elif row["level"] in single:
+            single[row["level"]] = int(row["count"])
         else:
             target = pair_counts if row["level"] == PAIR_COUNT else histogram
             target[int(row["index"])] = int(row["count"])
-    return SearchStats(pair_counts, histogram, forest_edges, kernel_micros / 1e6)
+    return SearchStats(pair_counts, histogram, forest_edges, single[KERNEL_MICROS] / 1e6, single[TASK_ROWS])
 
 
 PROBE_PAIRS_SCHEMA = T.StructType([

@@ -363,10 +363,12 @@ def stream_groups(
     partitions: int,
     handle_group: Callable[[object, pa.Table], Iterator[pa.RecordBatch]],
     schema: T.StructType,
+    by_id: bool = False,
 ) -> DataFrame:
     """Call ``handle_group(key, rows)`` once per key, streaming its output.
 
-    Rows are hash-partitioned by ``key`` and sorted by (key, *order) inside each
+    Rows are hash-partitioned by ``key`` (``by_id``: to partition key modulo ``partitions``, for
+    keys numbered to spread their cost) and sorted by (key, *order) inside each
     partition; the Python side gathers one key's rows at a time, so a task holds
     one group in memory, never a whole partition.
     """
@@ -394,5 +396,6 @@ def stream_groups(
         if pending:
             yield from handle_group(current, pa.Table.from_batches(pending))
 
-    arranged = df.repartition(partitions, F.col(key)).sortWithinPartitions(key, *order)
+    spread = df.repartitionById(partitions, F.col(key)) if by_id else df.repartition(partitions, F.col(key))
+    arranged = spread.sortWithinPartitions(key, *order)
     return arranged.mapInArrow(run, schema)

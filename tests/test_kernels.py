@@ -123,7 +123,20 @@ def test_plan_search_covers_every_block_pair_within_the_cap():
     assert covered == {(i, j) for i in range(blocks) for j in range(i, blocks)}
 
 
-def test_router_makes_every_pair_sharing_a_bucket_meet_in_exactly_one_task_of_it():
+def _shared_rows(slots: np.ndarray) -> np.ndarray:
+    """Oracle for bucket_counts' pairs: (a, b, rows joining both) over each row's distinct buckets."""
+    from collections import Counter
+    from itertools import combinations
+
+    counted = Counter(pair for row in slots for pair in combinations(sorted(set(row.tolist())), 2))
+    return np.array([(a, b, n) for (a, b), n in sorted(counted.items())], dtype=np.int64).reshape(-1, 3)
+
+
+@pytest.mark.parametrize("cap, pack_rows", [(250, 0), (500, 450)])
+def test_router_makes_every_pair_sharing_a_bucket_meet_in_exactly_one_task_of_it(cap, pack_rows):
+    """Block pairs of a split bucket, and (with pack_rows) packs of buckets in one task: every pair
+    of rows sharing a bucket is compared in exactly one task searching that bucket, a row reaches
+    a task once, and no task holds more than the cap."""
     from itertools import combinations
 
     import pyarrow as pa
@@ -137,8 +150,11 @@ def test_router_makes_every_pair_sharing_a_bucket_meet_in_exactly_one_task_of_it
     slots = np.sort(rng.choice([0, 1, 1, 1, 1, 2, 3, 5], size=(rows, width)), axis=1).astype(np.int32)
     row_index, bucket_ids = joined_buckets(slots)
     sizes = {int(b): int(c) for b, c in zip(*np.unique(bucket_ids, return_counts=True))}
-    plan = plan_search(sizes, cap=250)  # bucket 1 (~525 rows) is split into blocks; the rest (~200) are not
+    # Bucket 1 (~525 rows) is split into blocks; the rest (~200 rows, ~50 shared pairwise) are not.
+    plan = plan_search(sizes, cap=cap, shared=_shared_rows(slots), pack_rows=pack_rows)
     assert plan.split_buckets == 1 and dict(plan.blocks)[1] > 2
+    packs = [b for b in plan.task_buckets.values() if len(b) > 1]
+    assert bool(packs) == (pack_rows > 0)
     row_ids = rng.permutation(10**6)[:rows].astype(np.int64)
     embeddings = rng.standard_normal((rows, 4)).astype(np.float16)
     route = router(plan, width, seed=7)
@@ -150,24 +166,45 @@ def test_router_makes_every_pair_sharing_a_bucket_meet_in_exactly_one_task_of_it
         assigned = pa.RecordBatch.from_arrays([pa.array(row_ids[part]), packed_binary(slots[part])],
                                               names=["row_id", "buckets"])
         for routed in route(batch, assigned):
-            for task, bucket, side, row_id, embedding, buckets in zip(*(routed.column(i).to_pylist() for i in range(6))):
+            for task, side, row_id, embedding, buckets in zip(*(routed.column(i).to_pylist() for i in range(5))):
                 index = int(np.flatnonzero(row_ids == row_id)[0])
                 assert embedding == embeddings[index].tobytes() and buckets == slots[index].tobytes()
-                tasks.setdefault(task, []).append((bucket, side, row_id))
+                tasks.setdefault(task, []).append((side, index))
     assert sorted(tasks) == list(range(plan.tasks))
-    assert max(len(members) for members in tasks.values()) <= 250
+    assert max(len(members) for members in tasks.values()) <= cap
+    # Each row reaches a task once; a pack's rows are the rows of its buckets.
+    assert all(len(set(members)) == len(members) for members in tasks.values())
+    for task, buckets in plan.task_buckets.items():
+        if len(buckets) > 1:
+            assert {i for _, i in tasks[task]} == {i for i in range(rows) if set(slots[i]) & set(buckets)}
     met: dict[tuple, int] = {}
-    for members in tasks.values():
-        assert len({bucket for bucket, _, _ in members}) == 1
-        sides = [side for _, side, _ in members]
-        for (_, side_a, a), (_, side_b, b) in combinations(members, 2):
-            # A block-pair task compares its two sides; a one-block task, all its rows.
-            if side_a != side_b or 1 not in sides:
-                key = (members[0][0], min(a, b), max(a, b))
-                met[key] = met.get(key, 0) + 1
-    expected = {(int(b), int(min(row_ids[i], row_ids[j])), int(max(row_ids[i], row_ids[j])))
+    for task, members in tasks.items():
+        sides = [side for side, _ in members]
+        for bucket in plan.task_buckets[task]:
+            joined = [(side, i) for side, i in members if bucket in slots[i]]
+            for (side_a, a), (side_b, b) in combinations(joined, 2):
+                # A block-pair task compares its two sides; a one-block task, all its rows.
+                if side_a != side_b or 1 not in sides:
+                    key = (bucket, min(a, b), max(a, b))
+                    met[key] = met.get(key, 0) + 1
+    expected = {(int(b), int(min(i, j)), int(max(i, j)))
                 for b in sizes for i, j in combinations(row_index[bucket_ids == b], 2)}
     assert set(met) == expected and set(met.values()) == {1}
+    for task, buckets in plan.task_buckets.items():  # the rows a pack's buckets share travel once
+        if len(buckets) > 1:
+            assert len(tasks[task]) < sum(sizes[b] for b in buckets)
+
+
+def test_pack_buckets_merges_the_most_shared_within_the_limit():
+    from dedup_spark.bucket import pack_buckets
+
+    sizes = {0: 100, 1: 100, 2: 100, 3: 100, 4: 500}
+    # 0-1 share 60 rows, 2-3 share 50, 1-2 share 10, 3-4 share 90 (4 is too large to join anyone).
+    shared = np.array([(0, 1, 60), (2, 3, 50), (1, 2, 10), (3, 4, 90)], dtype=np.int64)
+    assert pack_buckets(sizes, shared, 150) == [([0, 1], 140), ([2, 3], 150), ([4], 500)]
+    # A larger limit joins the two packs over their 10 shared rows; 0 packs nothing.
+    assert pack_buckets(sizes, shared, 300) == [([0, 1, 2, 3], 280), ([4], 500)]
+    assert pack_buckets(sizes, shared, 0) == [([b], n) for b, n in sorted(sizes.items())]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -92,6 +92,26 @@ def test_two_level_training_replaces_a_starved_flat_sample(spark, medium, tmp_pa
     assert bucketing["bucket_sizes"]["max"] < rows / 10
 
 
+def test_packed_buckets_find_the_pairs_of_a_task_per_bucket(spark, medium, tmp_path):
+    """Packing neighbouring buckets into one search task changes what the shuffle carries, not what
+    is found: the same pairs, counted once each, and the same groups, from fewer rows shuffled."""
+    sample, root, oracle = medium
+    reports, pairs, groups = {}, {}, {}
+    for pack_rows in (0, None):
+        out = tmp_path / f"out-{pack_rows}"
+        reports[pack_rows] = run_job(spark, root, out, bucketing__k=100, output__pairs="all",
+                                     search__pack_rows=pack_rows)
+        pairs[pack_rows], groups[pack_rows] = set(output_pairs(out)), output_groups(out)
+    unpacked, packed = reports[0], reports[None]
+    assert pairs[None] == pairs[0] and pairs[0] <= set(oracle) and groups[None] == groups[0]
+    assert packed["search"]["pairs_found"] == unpacked["search"]["pairs_found"] == len(pairs[0])
+    assert unpacked["bucketing"]["packed_buckets"] == 0
+    assert unpacked["search"]["routed_rows"] == unpacked["bucketing"]["assigned_rows"]
+    assert packed["bucketing"]["packed_buckets"] > 10
+    assert packed["search"]["routed_rows"] < 0.95 * packed["bucketing"]["assigned_rows"]
+    assert packed["bucketing"]["search_tasks"] < unpacked["bucketing"]["search_tasks"]
+
+
 def test_dedup_keeps_one_row_per_group_and_every_unique_row(spark, medium, tmp_path):
     sample, root, oracle = medium
     out = tmp_path / "out"

@@ -139,14 +139,15 @@ def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
     # Two tasks' counters: owned pairs per threshold index, and histogram bins.
     counters = [(0, 3_000, search.PAIR_COUNT), (1, 900, search.PAIR_COUNT), (0, 2_000, search.PAIR_COUNT),
                 (95, 4_000, search.HISTOGRAM), (99, 1_000, search.HISTOGRAM), (95, 7, search.HISTOGRAM),
-                (0, 1_250_000, search.KERNEL_MICROS), (0, 500_000, search.KERNEL_MICROS)]
+                (0, 1_250_000, search.KERNEL_MICROS), (0, 500_000, search.KERNEL_MICROS),
+                (0, 1_234, search.TASK_ROWS), (0, 66, search.TASK_ROWS)]
     rows += [(index, count, 0.0, level) for index, count, level in counters]
     edges = spark.createDataFrame(rows, search.EDGES_SCHEMA).repartition(4)
     stats = search.search_stats(edges, 2)
     assert stats.forest_edges == [levels.count(0), levels.count(1)]
     assert stats.pair_counts == [5_000, 900]
     assert stats.histogram[95] == 4_007 and stats.histogram[99] == 1_000 and sum(stats.histogram) == 5_007
-    assert stats.kernel_seconds == 1.75
+    assert stats.kernel_seconds == 1.75 and stats.task_rows == 1_300
 
 
 def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
