@@ -57,6 +57,8 @@ _BLOCK_FILL = 0.45
 _ROW_COST = 1000
 # Links per bucket that packing considers: a bucket's border rows go mostly to a few neighbours.
 _PACK_NEIGHBOURS = 16
+# Up to this many buckets a row, every pair of them is counted for packing (pair_width).
+_ALL_PAIRS_WIDTH = 4
 
 
 def choose_k(rows: int, config: JobConfig) -> int:
@@ -498,29 +500,37 @@ class BucketCounts(NamedTuple):
     shared: np.ndarray  # (bucket_a, bucket_b, rows joining both), bucket_a < bucket_b, int64
 
 
-def bucket_counts(assigned: DataFrame, width: int) -> BucketCounts:
+def pair_width(model: BucketModel) -> int:
+    """How many consecutive slots of a row bucket_counts pairs up: all of them up to
+    ``_ALL_PAIRS_WIDTH``, so packs may span rounds; beyond, a round's m (a row's slots are sorted
+    and each round's ids lie above the previous round's). LSH with 16 tables would otherwise count
+    496 pairs a row: at 100k rows that took the assign stage from 4.8 to 26 s."""
+    return model.width if model.width <= _ALL_PAIRS_WIDTH else model.m
+
+
+def bucket_counts(assigned: DataFrame, width: int, paired: int | None = None) -> BucketCounts:
     """Rows per bucket and rows per pair of buckets, counted from the assign table (small: at most
-    K numbers and the bucket pairs rows share, a few dozen per bucket, reach the driver)."""
+    K numbers and the bucket pairs rows share, a few dozen per bucket, reach the driver).
+    ``paired``: pairs are counted within each run of this many slots (None: all ``width``)."""
+    paired = paired or width
 
     def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             slots = binary_matrix(batch.column("buckets"), width, "int32")
             ids, counts = np.unique(joined_buckets(slots)[1], return_counts=True)
-            firsts, seconds = [ids], [ids]
-            # Sorted slots: two joined buckets of a row are two first occurrences, the lower one first.
+            # Sorted slots: two joined buckets of a row are two first occurrences, the lower one first;
+            # each pair as one int64 key (bucket ids are non-negative int32), so np.unique stays 1-D.
             first = np.ones(slots.shape, dtype=bool)
             first[:, 1:] = slots[:, 1:] != slots[:, :-1]
+            keys = []
             for i in range(width):
-                for j in range(i + 1, width):
+                for j in range(i + 1, (i // paired + 1) * paired):
                     both = first[:, i] & first[:, j]
-                    firsts.append(slots[both, i])
-                    seconds.append(slots[both, j])
-            pair_keys = np.stack([np.concatenate(firsts[1:]) if width > 1 else np.zeros(0, np.int32),
-                                  np.concatenate(seconds[1:]) if width > 1 else np.zeros(0, np.int32)], axis=1)
-            pairs, pair_counts = np.unique(pair_keys, axis=0, return_counts=True)
+                    keys.append((slots[both, i].astype(np.int64) << 32) | slots[both, j])
+            pairs, pair_counts = np.unique(np.concatenate(keys) if keys else np.zeros(0, np.int64), return_counts=True)
             yield pa.RecordBatch.from_arrays(
-                [pa.array(np.concatenate([ids, pairs[:, 0]]).astype(np.int32)),
-                 pa.array(np.concatenate([ids, pairs[:, 1]]).astype(np.int32)),
+                [pa.array(np.concatenate([ids, pairs >> 32]).astype(np.int32)),
+                 pa.array(np.concatenate([ids, pairs & 0xFFFFFFFF]).astype(np.int32)),
                  pa.array(np.concatenate([counts, pair_counts]).astype(np.int64))],
                 names=["bucket_a", "bucket_b", "rows"])
 
@@ -547,10 +557,12 @@ class SearchPlan:
 
 
 def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | None = None,
-                pack_rows: int = 0) -> SearchPlan:
+                pack_rows: int = 0, min_tasks: int = 1, shared_exact: bool = True) -> SearchPlan:
     """Split buckets over ``cap`` into blocks; one task per bucket or per block pair. Buckets that
-    share rows (``shared``: bucket_counts' pairs) are packed into one task of up to ``pack_rows``
-    rows, so a row joining two of them is shuffled once (``pack_buckets``).
+    share rows (``shared``: bucket_counts' pairs; ``shared_exact``: no row joins more than two
+    buckets) are packed into one task of up to ``pack_rows`` rows, so a row joining two of them
+    is shuffled once (``pack_buckets``); no pack takes more than 1 / ``min_tasks`` of the
+    buckets' estimated cost, so packing leaves tasks enough to spread over the cores.
 
     Tasks are numbered by falling estimated cost (pairs compared plus ``_ROW_COST`` a row), so
     task_id modulo the partitions deals the costliest out first and evenly."""
@@ -559,7 +571,9 @@ def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | Non
     split = 0
     block_rows = max(1, int(cap * _BLOCK_FILL))
     whole = {b: n for b, n in bucket_sizes.items() if n <= cap}
-    packs = pack_buckets(whole, shared if shared is not None else np.zeros((0, 3), np.int64), min(pack_rows, cap))
+    total_cost = sum(n * (n - 1) // 2 + _ROW_COST * n for n in bucket_sizes.values())
+    packs = pack_buckets(whole, shared if shared is not None else np.zeros((0, 3), np.int64), min(pack_rows, cap),
+                         total_cost / max(1, min_tasks), shared_exact)
     for members, rows in packs:
         pairs = sum(bucket_sizes[b] * (bucket_sizes[b] - 1) // 2 for b in members)
         comparisons += pairs
@@ -584,19 +598,23 @@ def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | Non
                       task_buckets)
 
 
-def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int) -> list[tuple[list[int], int]]:
-    """Buckets grouped into packs of at most ``limit`` distinct rows (a bucket alone may be larger),
-    as (bucket ids, rows). ``shared``: (bucket_a, bucket_b, rows in both).
+def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int, max_cost: float = math.inf,
+                 exact: bool = True) -> list[tuple[list[int], int]]:
+    """Buckets grouped into packs of at most ``limit`` distinct rows and ``max_cost`` estimated cost
+    (a bucket alone may exceed both), as (bucket ids, rows). ``shared``: (bucket_a, bucket_b, rows
+    in both); ``exact``: no row joins more than two buckets.
 
     A row near a border joins two buckets and would be shuffled to each; in one pack it travels
     once. Greedy agglomeration: repeatedly merge the two packs whose shared rows are largest
     against their combined size, while the merged pack fits. Only each bucket's
     ``_PACK_NEIGHBOURS`` strongest links are considered, which bounds the driver's work at large K.
-    (With more than two buckets a row, bucketing.rounds > 1 or m > 2, a row in three buckets of a
-    pack is subtracted more than once, so a pack may hold more rows than ``limit``; ``limit`` is
-    at most max_task_rows, which counts 8d + 128 bytes a row where a pack holds its rows' 2d.)"""
+    A pack's rows are exact when ``exact`` (the rows two packs share are then the sum of their
+    buckets' links); otherwise (bucketing.rounds > 1, m > 2) a row in three buckets would be
+    subtracted twice, so only the largest single link is subtracted: an upper bound."""
     rows = {b: int(n) for b, n in sizes.items()}
-    links: dict[int, dict[int, int]] = {b: {} for b in rows}
+    pairs = {b: n * (n - 1) // 2 for b, n in rows.items()}
+    links: dict[int, dict[int, int]] = {b: {} for b in rows}  # summed shared rows
+    largest: dict[int, dict[int, int]] = {b: {} for b in rows}  # the largest single bucket link
     if limit > 0 and len(shared):
         a, b, n = shared[:, 0], shared[:, 1], shared[:, 2]
         keep = np.isin(a, list(rows)) & np.isin(b, list(rows))
@@ -606,7 +624,7 @@ def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int) -> list[
         rank = np.arange(order.size) - np.searchsorted(ends[order], ends[order])
         strong = order[rank < _PACK_NEIGHBOURS]
         for x, y, w in zip(ends[strong].tolist(), others[strong].tolist(), weights[strong].tolist()):
-            links[x][y] = links[y][x] = w
+            links[x][y] = links[y][x] = largest[x][y] = largest[y][x] = w
     members = {b: [b] for b in rows}
     heap = [(-w / (rows[x] + rows[y]), x, y, w) for x in links for y, w in links[x].items() if x < y]
     heapq.heapify(heap)
@@ -614,20 +632,20 @@ def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int) -> list[
         _, x, y, w = heapq.heappop(heap)
         if x not in members or y not in members or links[x].get(y) != w:
             continue  # stale: one side was merged since
-        # Never below either part: with more than two buckets a row, links summed over merged
-        # buckets can count a row twice.
-        union = max(rows[x] + rows[y] - w, rows[x], rows[y])
-        if union > limit:
+        union = rows[x] + rows[y] - (w if exact else largest[x][y])
+        if union > limit or pairs[x] + pairs[y] + _ROW_COST * union > max_cost:
             continue
         members[x] += members.pop(y)
-        rows[x] = union
+        rows[x], pairs[x] = union, pairs[x] + pairs.pop(y)
         rows.pop(y)
-        del links[x][y]
+        del links[x][y], largest[x][y]
         for z, wz in links.pop(y).items():
             if z == x:
                 continue
             del links[z][y]
             links[x][z] = links[z][x] = links[x].get(z, 0) + wz
+            largest[x][z] = largest[z][x] = max(largest[x].get(z, 0), largest[z].pop(y))
+        largest.pop(y)
         for z, wz in links[x].items():
             heapq.heappush(heap, (-wz / (rows[x] + rows[z]), min(x, z), max(x, z), wz))
     return [(sorted(bucket_ids), rows[root]) for root, bucket_ids in sorted(members.items())]

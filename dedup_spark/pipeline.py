@@ -201,7 +201,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         info = write_valid_tables(spark, rows_uri, outputs)["assigned"]
         if info.rows != valid_count:
             raise report.AccountingError(f"assign wrote {info.rows} rows for {valid_count} valid rows")
-        sizes, shared = bucket.bucket_counts(tables.read_table(spark, assigned_uri), model.width)
+        sizes, shared = bucket.bucket_counts(tables.read_table(spark, assigned_uri), model.width,
+                                             bucket.pair_width(model))
         joins = sum(sizes.values())
         # Every row joins at least its nearest bucket of each round, at most model.width buckets.
         if not valid_count * model.rounds <= joins <= valid_count * model.width:
@@ -225,16 +226,16 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     edges_uri = storage.join(work, "edges")
     thresholds = [threshold, *sorted(set(config.search.thresholds) - {threshold})]
 
-    # Partitions of about 20,000 routed rows (at least 4 a core). Packs of buckets as large as leave
-    # 8 tasks a core (within max_task_rows): 40,000-80,000 rows shuffled 7-10% faster than 20,000
-    # at 1M rows, with the same pairs.
+    # Partitions of about 20,000 routed rows (at least 4 a core). Packs of buckets up to
+    # max_task_rows, each at most an eighth of a core's share of the search (at 1M rows packs of
+    # 40,000-110,000 rows searched as fast as each other, the same pairs as a task per bucket).
     cores = spark.sparkContext.defaultParallelism
     partitions = max(1, max(cores * 4, math.ceil(assign_result["rows"] / 20000)))
-    pack_rows = (config.search.pack_rows if config.search.pack_rows is not None
-                 else math.ceil(assign_result["rows"] / (cores * 8)))
+    pack_rows = config.search.pack_rows if config.search.pack_rows is not None else cap
 
     def search_stage() -> dict[str, Any]:
-        plan = bucket.plan_search(bucket_sizes, cap, shared_rows, pack_rows)
+        plan = bucket.plan_search(bucket_sizes, cap, shared_rows, pack_rows, cores * 8,
+                                  bucket.pair_width(model) <= 2)
         routed = map_valid_rows_beside(spark, rows_uri, assigned_uri,
                                        bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs,
@@ -253,7 +254,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                         f"cap {cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
 
     search_settings = {"thresholds": thresholds, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
-                       "pack_rows": pack_rows if shared_rows is not None else 0,
+                       "pack_rows": pack_rows if shared_rows is not None else 0, "pack_tasks": cores * 8,
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")

@@ -205,6 +205,24 @@ def test_pack_buckets_merges_the_most_shared_within_the_limit():
     # A larger limit joins the two packs over their 10 shared rows; 0 packs nothing.
     assert pack_buckets(sizes, shared, 300) == [([0, 1, 2, 3], 280), ([4], 500)]
     assert pack_buckets(sizes, shared, 0) == [([b], n) for b, n in sorted(sizes.items())]
+    # A pack's estimated cost (pairs + 1,000 a row; 104,950 for one bucket here) bounds it too.
+    assert pack_buckets(sizes, shared, 300, max_cost=140_000) == [([b], n) for b, n in sorted(sizes.items())]
+    # Two links between the packs: with at most two buckets a row their sum is what the packs share;
+    # otherwise a row may be in both links, and only the larger is subtracted.
+    shared = np.concatenate([shared, [(0, 2, 5)]])
+    assert pack_buckets(sizes, shared, 300) == [([0, 1, 2, 3], 275), ([4], 500)]
+    assert pack_buckets(sizes, shared, 300, exact=False) == [([0, 1, 2, 3], 280), ([4], 500)]
+
+
+def test_packing_leaves_tasks_for_every_core_when_rows_join_many_buckets():
+    """LSH with many tables puts every row in dozens of buckets that all share rows: packing by rows
+    alone would make one task of everything; bounding a pack at 1/min_tasks of the estimated cost
+    keeps tasks for the cores (greedy packs fill that bound only partly: at least half as many)."""
+    sizes = {b: 1_000 for b in range(64)}
+    shared = np.array([(a, b, 500) for a in range(64) for b in range(a + 1, 64)], dtype=np.int64)
+    assert plan_search(sizes, cap=100_000, shared=shared, pack_rows=100_000, shared_exact=False).tasks == 1
+    plan = plan_search(sizes, cap=100_000, shared=shared, pack_rows=100_000, min_tasks=16, shared_exact=False)
+    assert 8 <= plan.tasks < 64
 
 
 @pytest.mark.parametrize("seed", range(5))

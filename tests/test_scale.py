@@ -150,6 +150,30 @@ def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
     assert stats.kernel_seconds == 1.75 and stats.task_rows == 1_300
 
 
+@pytest.mark.parametrize("paired", [None, 2])
+def test_bucket_counts_match_a_count_of_every_rows_buckets(spark, paired):
+    """Rows per bucket and per pair of buckets (what packing works from), against a plain count over
+    each row's distinct buckets; with ``paired`` 2, only pairs inside each round's two slots."""
+    from itertools import combinations
+
+    from dedup_spark.bucket import ASSIGNED_SCHEMA, bucket_counts
+    from dedup_spark.tables import packed_binary
+
+    rng = np.random.default_rng(5)
+    rows, width = 5_000, 4
+    # Two rounds of two slots, round 1's ids above round 0's; a repeat is a bucket the margin dropped.
+    slots = np.concatenate([rng.choice([0, 1, 2, 3, 3], (rows, 2)), rng.choice([10, 11, 12], (rows, 2))], axis=1)
+    slots = np.sort(slots, axis=1).astype(np.int32)
+    assigned = spark.createDataFrame(
+        pa.table({"row_id": pa.array(np.arange(rows)), "buckets": packed_binary(slots)}).to_pandas(),
+        ASSIGNED_SCHEMA).repartition(3)
+    sizes, shared = bucket_counts(assigned, width, paired)
+    assert sizes == dict(Counter(int(b) for row in slots for b in set(row.tolist())))
+    runs = [slots] if paired is None else [slots[:, :2], slots[:, 2:]]
+    expected = Counter(pair for run in runs for row in run for pair in combinations(sorted(set(row.tolist())), 2))
+    assert {(int(a), int(b)): int(n) for a, b, n in shared} == dict(expected)
+
+
 def test_block_split_search_gives_the_unsplit_pairs(spark, tmp_path):
     sample = generate(SampleSpec(rows=3000, dim=32, seed=42))
     write_npy_shards(sample.embeddings, tmp_path / "in", 1000)
