@@ -55,10 +55,16 @@ _BLOCK_FILL = 0.45
 # A task's estimated cost: its pairs compared plus this many per row it receives. Measured at 1M
 # rows (session 16): ~17 ns of kernel a pair, ~19 us of shuffle, sort and Arrow a row.
 _ROW_COST = 1000
+
 # Links per bucket that packing considers: a bucket's border rows go mostly to a few neighbours.
 _PACK_NEIGHBOURS = 16
 # Up to this many buckets a row, every pair of them is counted for packing (pair_width).
 _ALL_PAIRS_WIDTH = 4
+
+
+def _task_cost(pairs: int, rows: int) -> int:
+    """A search task's estimated cost, in the units of one pair compared."""
+    return pairs + _ROW_COST * rows
 
 
 def choose_k(rows: int, config: JobConfig) -> int:
@@ -487,11 +493,17 @@ def assigner(model_uri: str, dim: int, model_id: str = "", threshold: float = 1.
     return assign_batches
 
 
-def joined_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row index, bucket id) of every bucket each row joins, from rows x width sorted slots:
-    a repeated slot is adjacent to its first and is not joined twice."""
+def _joined_slots(buckets: np.ndarray) -> np.ndarray:
+    """Which of rows x width sorted slots are joined buckets: a repeated slot is adjacent to its
+    first and is not joined twice."""
     joins = np.ones(buckets.shape, dtype=bool)
     joins[:, 1:] = buckets[:, 1:] != buckets[:, :-1]
+    return joins
+
+
+def joined_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row index, bucket id) of every bucket each row joins, from rows x width sorted slots."""
+    joins = _joined_slots(buckets)
     return np.nonzero(joins)[0], buckets[joins]
 
 
@@ -517,11 +529,10 @@ def bucket_counts(assigned: DataFrame, width: int, paired: int | None = None) ->
     def count(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         for batch in batches:
             slots = binary_matrix(batch.column("buckets"), width, "int32")
-            ids, counts = np.unique(joined_buckets(slots)[1], return_counts=True)
-            # Sorted slots: two joined buckets of a row are two first occurrences, the lower one first;
+            first = _joined_slots(slots)
+            ids, counts = np.unique(slots[first], return_counts=True)
+            # Sorted slots: two joined buckets of a row are two joined slots, the lower one first;
             # each pair as one int64 key (bucket ids are non-negative int32), so np.unique stays 1-D.
-            first = np.ones(slots.shape, dtype=bool)
-            first[:, 1:] = slots[:, 1:] != slots[:, :-1]
             keys = []
             for i in range(width):
                 for j in range(i + 1, (i // paired + 1) * paired):
@@ -564,20 +575,20 @@ def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | Non
     is shuffled once (``pack_buckets``); no pack takes more than 1 / ``min_tasks`` of the
     buckets' estimated cost, so packing leaves tasks enough to spread over the cores.
 
-    Tasks are numbered by falling estimated cost (pairs compared plus ``_ROW_COST`` a row), so
+    Tasks are numbered by falling estimated cost (``_task_cost``), so
     task_id modulo the partitions deals the costliest out first and evenly."""
     blocks, tasks = [], []  # tasks: (cost, rows, [(bucket, block, side)])
     comparisons = 0
     split = 0
     block_rows = max(1, int(cap * _BLOCK_FILL))
     whole = {b: n for b, n in bucket_sizes.items() if n <= cap}
-    total_cost = sum(n * (n - 1) // 2 + _ROW_COST * n for n in bucket_sizes.values())
+    total_cost = sum(_task_cost(n * (n - 1) // 2, n) for n in bucket_sizes.values())
     packs = pack_buckets(whole, shared if shared is not None else np.zeros((0, 3), np.int64), min(pack_rows, cap),
                          total_cost / max(1, min_tasks), shared_exact)
     for members, rows in packs:
         pairs = sum(bucket_sizes[b] * (bucket_sizes[b] - 1) // 2 for b in members)
         comparisons += pairs
-        tasks.append((pairs + _ROW_COST * rows, rows, [(b, 0, 0) for b in members]))
+        tasks.append((_task_cost(pairs, rows), rows, [(b, 0, 0) for b in members]))
     for bucket_id, size in sorted(bucket_sizes.items()):
         count = 1 if size <= cap else math.ceil(size / block_rows)
         blocks.append((bucket_id, count))
@@ -590,7 +601,7 @@ def plan_search(bucket_sizes: dict[int, int], cap: int, shared: np.ndarray | Non
             for j in range(i, count):
                 pairs = block * (block - 1) // 2 if i == j else block * block
                 sides = [(bucket_id, i, 0)] + ([(bucket_id, j, 1)] if j != i else [])
-                tasks.append((pairs + _ROW_COST * block * len(sides), block * len(sides), sides))
+                tasks.append((_task_cost(pairs, block * len(sides)), block * len(sides), sides))
     tasks.sort(key=lambda task: -task[0])
     routes = [(b, block, task_id, side) for task_id, (_, _, sides) in enumerate(tasks) for b, block, side in sides]
     task_buckets = {task_id: sorted({b for b, _, _ in sides}) for task_id, (_, _, sides) in enumerate(tasks)}
@@ -633,7 +644,7 @@ def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int, max_cost
         if x not in members or y not in members or links[x].get(y) != w:
             continue  # stale: one side was merged since
         union = rows[x] + rows[y] - (w if exact else largest[x][y])
-        if union > limit or pairs[x] + pairs[y] + _ROW_COST * union > max_cost:
+        if union > limit or _task_cost(pairs[x] + pairs[y], union) > max_cost:
             continue
         members[x] += members.pop(y)
         rows[x], pairs[x] = union, pairs[x] + pairs.pop(y)

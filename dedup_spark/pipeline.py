@@ -232,9 +232,10 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     cores = spark.sparkContext.defaultParallelism
     partitions = max(1, max(cores * 4, math.ceil(assign_result["rows"] / 20000)))
     pack_rows = config.search.pack_rows if config.search.pack_rows is not None else cap
+    pack_tasks = cores * 8
 
     def search_stage() -> dict[str, Any]:
-        plan = bucket.plan_search(bucket_sizes, cap, shared_rows, pack_rows, cores * 8,
+        plan = bucket.plan_search(bucket_sizes, cap, shared_rows, pack_rows, pack_tasks,
                                   bucket.pair_width(model) <= 2)
         routed = map_valid_rows_beside(spark, rows_uri, assigned_uri,
                                        bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
@@ -250,11 +251,11 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                 "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
                 "kernel_task_seconds": round(stats.kernel_seconds, 3),
                 "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
-                        f"{stats.task_rows} rows shuffled for {sum(bucket_sizes.values())} bucket joins, "
+                        f"{stats.task_rows} rows shuffled for {assign_result['rows']} bucket joins, "
                         f"cap {cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
 
     search_settings = {"thresholds": thresholds, "cap": cap, "task_memory": task_memory, "all_pairs": all_pairs,
-                       "pack_rows": pack_rows if shared_rows is not None else 0, "pack_tasks": cores * 8,
+                       "pack_rows": pack_rows if shared_rows is not None else 0, "pack_tasks": pack_tasks,
                        "query_block_rows": config.search.query_block_rows, "seed": config.bucketing.seed}
     search_result = stages.run("search", search_settings, search_stage)
     duplicates_uri = storage.join(staged, "duplicates")
