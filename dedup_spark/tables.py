@@ -152,12 +152,22 @@ def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterato
 
 def _commit(uri: str, written: list, schema: T.StructType,
             task_sources: list[list[str]] | None = None) -> TableInfo:
-    """List the parts the successful task attempts reported: the table's manifest."""
+    """List the parts the successful task attempts reported: the table's manifest.
+
+    When no task ran (no input rows, or adaptive execution left the DataFrame no partitions), one
+    empty part is written here, so the directory still carries its schema: Spark cannot read a
+    parquet directory without parts, and a job that found no duplicates must not break its readers."""
+    if not written:
+        name = f"part-00000-{uuid.uuid4().hex[:8]}-0.parquet"
+        with storage.open_output(storage.join(uri, name)) as handle:
+            pq.ParquetWriter(handle, _arrow_schema(schema)).close()
+        written = [{"path": name, "bytes": 0, "rows": 0, "task": None}]
     written = sorted(written, key=lambda row: row["path"])
     parts = [row["path"] for row in written]
     part_bytes = [row["bytes"] for row in written]
     rows = sum(row["rows"] for row in written)
-    source_parts = None if task_sources is None else [task_sources[row["task"]] for row in written]
+    source_parts = None if task_sources is None else [
+        [] if row["task"] is None else task_sources[row["task"]] for row in written]
     manifest = {"rows": rows, "parts": parts, "part_bytes": part_bytes, "schema": schema.json()}
     if source_parts is not None:
         manifest["source_parts"] = source_parts

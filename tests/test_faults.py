@@ -162,6 +162,31 @@ def test_bad_shards_can_be_skipped_and_are_listed_and_counted(spark, tmp_path):
     assert np.load(out / "dedup" / "part_0.npy").shape == (299, 16)
 
 
+@pytest.mark.parametrize("case", ["every row rejected", "no two rows alike"])
+def test_a_run_with_nothing_to_group_finishes_and_publishes_readable_empty_tables(spark, tmp_path, case):
+    """Allowed to reject every row (input.max_rejected_fraction: 1), or given rows with no duplicate,
+    the job finishes and accounts for every row; a published table with no rows still holds a part
+    with its schema, which Spark needs to read the directory at all."""
+    from dedup_spark.group import DUPLICATES_SCHEMA
+
+    values = _vectors(50, 16, seed=3)
+    if case == "every row rejected":
+        values[:] = np.nan
+    root = _npy(tmp_path / "in" / "a_0.npy", values).parent
+    out = tmp_path / "out"
+    report = run_job(spark, root, out, input__max_rejected_fraction=1.0, estimate__sample_rows=64,
+                     output__pairs="all")
+    rejected = 50 if case == "every row rejected" else 0
+    counts = report["accounting"]
+    assert (counts["kept_rows"], counts["removed_rows"], counts["rejected_rows"]) == (50 - rejected, 0, rejected)
+    assert counts["balanced"] and report["groups"]["count"] == 0
+    assert np.load(out / "dedup" / "a_0.npy").shape == (50 - rejected, 16)
+    assert spark.read.parquet(str(out / "rejected")).count() == rejected
+    for name, columns in (("duplicates", DUPLICATES_SCHEMA.names), ("pairs", ["row_id_a", "row_id_b", "similarity"])):
+        table = spark.read.parquet(str(out / name))
+        assert table.columns == columns and table.count() == 0
+
+
 def test_rejected_rows_name_their_shard_and_too_many_fail_the_run(spark, tmp_path):
     root = tmp_path / "in"
     values = _vectors(200, 16, seed=9)
