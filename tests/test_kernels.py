@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from oracle import brute_force_pairs, groups_of, normalize
@@ -212,6 +214,54 @@ def test_pack_buckets_merges_the_most_shared_within_the_limit():
     shared = np.concatenate([shared, [(0, 2, 5)]])
     assert pack_buckets(sizes, shared, 300) == [([0, 1, 2, 3], 275), ([4], 500)]
     assert pack_buckets(sizes, shared, 300, exact=False) == [([0, 1, 2, 3], 280), ([4], 500)]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("binding", ["rows", "cost"])
+def test_packs_cover_every_bucket_within_their_bounds_and_no_two_linked_packs_could_merge(exact, binding):
+    """On a random graph of few links a bucket (all of them among its strongest): every bucket is in
+    one pack; a pack of several fits the row limit and the cost bound, with its rows its buckets'
+    less the links inside it (exact), or at least that (an upper bound otherwise); and two packs that
+    share a link could not merge within the bounds, since merging stops only then."""
+    from dedup_spark.bucket import _task_cost, pack_buckets
+
+    rng = np.random.default_rng(7)
+    ids = [int(b) for b in rng.choice(10_000, 400, replace=False)]
+    sizes = {b: int(n) for b, n in zip(ids, rng.integers(50, 400, len(ids)))}
+    links: dict[tuple[int, int], int] = {}
+    for i, b in enumerate(ids):
+        for step in (1, 2, 5):
+            c = ids[(i + step) % len(ids)]
+            links[min(b, c), max(b, c)] = int(rng.integers(1, min(sizes[b], sizes[c]) // 2))
+    shared = np.array([(a, c, w) for (a, c), w in links.items()], dtype=np.int64)
+    # Either bound alone stops the merging.
+    limit = 900 if binding == "rows" else 1_500
+    max_cost = math.inf if binding == "rows" else sum(_task_cost(n * (n - 1) // 2, n) for n in sizes.values()) / 60
+    packs = pack_buckets(sizes, shared, limit, max_cost, exact)
+    assert sorted(b for members, _ in packs for b in members) == sorted(ids)
+    pack_of = {b: i for i, (members, _) in enumerate(packs) for b in members}
+
+    def pairs_of(members: list[int]) -> int:
+        return sum(sizes[b] * (sizes[b] - 1) // 2 for b in members)
+
+    inside = [0] * len(packs)
+    between: dict[tuple[int, int], int] = {}
+    for (a, c), w in links.items():
+        p, q = sorted((pack_of[a], pack_of[c]))
+        if p == q:
+            inside[p] += w
+        else:
+            between[p, q] = between.get((p, q), 0) + w
+    for (members, rows), shared_inside in zip(packs, inside):
+        union = sum(sizes[b] for b in members) - shared_inside
+        assert rows == union if exact else union <= rows <= sum(sizes[b] for b in members)
+        if len(members) > 1:
+            assert rows <= limit and _task_cost(pairs_of(members), rows) <= max_cost
+    assert sum(len(members) > 1 for members, _ in packs) >= 40, "the bounds leave room for packs"
+    if exact:
+        for (p, q), w in between.items():
+            merged = packs[p][1] + packs[q][1] - w
+            assert merged > limit or _task_cost(pairs_of(packs[p][0] + packs[q][0]), merged) > max_cost
 
 
 def test_packing_leaves_tasks_for_every_core_when_rows_join_many_buckets():
