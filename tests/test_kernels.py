@@ -267,7 +267,7 @@ def test_packs_cover_every_bucket_within_their_bounds_and_no_two_linked_packs_co
 def test_packing_leaves_tasks_for_every_core_when_rows_join_many_buckets():
     """LSH with many tables puts every row in dozens of buckets that all share rows: packing by rows
     alone would make one task of everything; bounding a pack at 1/min_tasks of the estimated cost
-    keeps tasks for the cores (greedy packs fill that bound only partly: at least half as many)."""
+    keeps tasks for the cores (packs fill that bound only partly: at least half as many)."""
     sizes = {b: 1_000 for b in range(64)}
     shared = np.array([(a, b, 500) for a in range(64) for b in range(a + 1, 64)], dtype=np.int64)
     assert plan_search(sizes, cap=100_000, shared=shared, pack_rows=100_000, shared_exact=False).tasks == 1
