@@ -376,7 +376,7 @@ def _train_two_level(cells_sample: DataFrame, drawn: float, sample: np.ndarray, 
                                           packed_binary(centroids)], names=CELL_CENTROIDS_SCHEMA.names)
 
     labelled = cells_sample.mapInArrow(label, "cell int, row_id long, embedding binary")
-    trained = stream_groups(labelled, "cell", ["row_id"], max(1, int(np.count_nonzero(per_cell))), train_cell,
+    trained = stream_groups(labelled, "cell", ["row_id"], int(np.count_nonzero(per_cell)), train_cell,
                             CELL_CENTROIDS_SCHEMA).toArrow()
     cells = trained.column("cell").to_numpy()
     order = np.lexsort((trained.column("position").to_numpy(), cells))

@@ -240,7 +240,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         routed = map_valid_rows_beside(spark, rows_uri, assigned_uri,
                                        bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs,
-                              max(1, min(plan.tasks, partitions)), task_memory // 2, model.width, plan.task_buckets,
+                              min(plan.tasks, partitions), task_memory // 2, model.width, plan.task_buckets,
                               config.run.fault_task_fraction)
         info = tables.write_table(edges, edges_uri)
         stats = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))

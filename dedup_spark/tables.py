@@ -117,6 +117,10 @@ def write_produced_tables(tasks: DataFrame,
             for name, (schema, uri) in outputs.items()}
 
 
+def _part_name(partition: int, run_tag: str, attempt: int) -> str:
+    return f"part-{partition:05d}-{run_tag}-{attempt}.parquet"
+
+
 def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterator[tuple[str, pa.RecordBatch]]],
                                                                          Iterator[pa.RecordBatch]]:
     """A mapInArrow function writing its partition's (output name, batch) pairs as one part per
@@ -127,7 +131,7 @@ def _part_writer(outputs: dict[str, tuple[str, pa.Schema]]) -> Callable[[Iterato
         from pyspark import TaskContext
 
         context = TaskContext.get()
-        name = f"part-{context.partitionId():05d}-{run_tag}-{context.attemptNumber()}.parquet"
+        name = _part_name(context.partitionId(), run_tag, context.attemptNumber())
         counts = {table: [0, 0] for table in outputs}
         # Every task commits one part of every output, empty or not.
         with contextlib.ExitStack() as stack:
@@ -158,7 +162,7 @@ def _commit(uri: str, written: list, schema: T.StructType,
     empty part is written here, so the directory still carries its schema: Spark cannot read a
     parquet directory without parts, and a job that found no duplicates must not break its readers."""
     if not written:
-        name = f"part-00000-{uuid.uuid4().hex[:8]}-0.parquet"
+        name = _part_name(0, uuid.uuid4().hex[:8], 0)
         with storage.open_output(storage.join(uri, name)) as handle:
             pq.ParquetWriter(handle, _arrow_schema(schema)).close()
         written = [{"path": name, "bytes": 0, "rows": 0, "task": None}]
@@ -406,6 +410,7 @@ def stream_groups(
         if pending:
             yield from handle_group(current, pa.Table.from_batches(pending))
 
+    partitions = max(1, partitions)  # no keys at all (every row rejected) still makes a valid plan
     spread = df.repartitionById(partitions, F.col(key)) if by_id else df.repartition(partitions, F.col(key))
     arranged = spread.sortWithinPartitions(key, *order)
     return arranged.mapInArrow(run, schema)
