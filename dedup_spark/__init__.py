@@ -11,6 +11,7 @@ The pipeline, one module per stage:
     pipeline.py runs them in order and publishes the outputs
 Support: config.py (the one configuration object), storage.py (pyarrow.fs),
 tables.py (Spark tables written and read by tasks), kernels.py (numpy/faiss),
+blas.py (which OpenBLAS kernels run the matrix products; faiss loaded on numpy's),
 sample.py (the CLIP-like sample generator).
 """
 

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import kernels, read, storage
+from dedup_spark.blas import import_faiss
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.tables import BatchTransform, binary_matrix, packed_binary, stream_groups
 
@@ -195,7 +196,7 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
     centroids closer than bucketing.merge_centroids x the distance of a pair at ``threshold``
     are merged (``kernels.merge_close_centroids``).
     """
-    import faiss
+    faiss = import_faiss()
 
     rounds = rounds_for(config)
     k = choose_k(max(1, valid_rows), config)
@@ -450,7 +451,7 @@ def load_model(model_uri: str, model_id: str = "",
         def per_round(embeddings: np.ndarray, r: int) -> np.ndarray:
             return kernels.lsh_buckets(embeddings, center, planes[r], model.m)
     else:
-        import faiss
+        faiss = import_faiss()
 
         quantizers = []
         margin = None if model.margin is None else model.margin * math.sqrt(2.0 * (1.0 - threshold))

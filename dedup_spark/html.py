@@ -197,6 +197,18 @@ def render(report: dict) -> str:
         f"<tr><td class=text>{html.escape(name)}</td>{_cell(report, 'timings_seconds.' + name)}</tr>"
         for name in [*stage_names, "total"]) + "</table>"
         + bar_chart(stage_names, [timings[name] for name in stage_names], "seconds per stage"))
+    kernels_used = report.get("blas") or {}
+    if kernels_used:
+        items, advice = [], []
+        for where in ("driver", "executor"):
+            described = kernels_used.get(where) or {}
+            items += [(f"{where}: {library}'s OpenBLAS kernels", f"blas.{where}.openblas.{library}")
+                      for library in sorted(described.get("openblas") or {})]
+            items += [(f"{where}: CPU vector level", f"blas.{where}.cpu"),
+                      (f"{where}: OPENBLAS_CORETYPE", f"blas.{where}.OPENBLAS_CORETYPE")]
+            advice += [f"{where}: {line}" for line in [*(described.get("warnings") or []), *(described.get("advice") or [])]]
+        sections.append("<h2>Matrix-product kernels</h2>" + _rows(report, items)
+                        + "".join(f"<p class=bad>{_text(line)}</p>" for line in advice))
     largest = report.get("largest_groups") or []
     rows = []
     for index, entry in enumerate(largest):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dedup_spark.blas import import_faiss
+
 REJECT_NOT_FINITE = "not_finite"
 REJECT_ZERO_NORM = "zero_norm"
 REJECT_WRONG_DIM = "wrong_dim"
@@ -38,7 +40,7 @@ def as_float32(matrix: np.ndarray) -> np.ndarray:
 
 @functools.cache
 def _fp16_decoder(dim: int):
-    import faiss
+    faiss = import_faiss()
 
     return faiss.ScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16)
 
@@ -111,7 +113,7 @@ def similarity_margin(dim: int) -> float:
 
 def train_centroids(sample: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
     """Spherical k-means centroids (k x d float32, unit rows) with faiss."""
-    import faiss
+    faiss = import_faiss()
 
     points = np.ascontiguousarray(sample, dtype=np.float32)
     k = max(1, min(k, points.shape[0]))
@@ -174,7 +176,7 @@ def build_quantizer(centroids: np.ndarray, kind: str, m: int = 1):
     makes K in the 10^5-10^6 range affordable. Either way the in-bucket search
     stays exact: the quantizer only decides which buckets a row joins.
     """
-    import faiss
+    faiss = import_faiss()
 
     data = np.ascontiguousarray(centroids, dtype=np.float32)
     if kind == "hnsw":

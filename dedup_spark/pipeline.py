@@ -31,7 +31,7 @@ import yaml
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import bucket, captions, estimate, group, html, kernels, read, report, search, storage, tables, write
+from dedup_spark import blas, bucket, captions, estimate, group, html, kernels, read, report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.read import (
     InputError,
@@ -109,6 +109,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
     spark = spark or get_session(config, executor_env)
     started = time.perf_counter()
+    kernels_used = blas_report(spark)
     stages = StageRunner(config)
     work = config.work_uri
     staged = storage.join(work, "publish")
@@ -416,6 +417,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         "captions": group_result["captions"],
         "recall_estimate": {key: value for key, value in estimate_result.items() if key not in ("rows", "note")},
         "stages_reused": stages.reused,
+        "blas": kernels_used,
         "timings_seconds": dict(stages.timer.seconds),
     }
     result["timings_seconds"]["total"] = round(time.perf_counter() - started, 3)
@@ -432,6 +434,23 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
              manifest.rows, result["groups"]["count"], removed_rows, read_result["rejected_rows"],
              result["timings_seconds"]["total"], config.output.uri)
     return result
+
+
+def blas_report(spark: SparkSession) -> dict[str, Any]:
+    """The OpenBLAS cores (``blas.describe``) of the driver and of one executor task, logged: the
+    search kernel and the assignment are matrix products, and a library on generic kernels runs
+    them several times slower without any other sign, so that is a warning."""
+    driver = blas.describe()
+    executor = spark.sparkContext.parallelize([0], 1).map(lambda _: blas.describe()).first()
+    for where, described in (("driver", driver), ("executor", executor)):
+        cores = ", ".join(f"{library} {core}" for library, core in sorted(described["openblas"].items()))
+        log.info("BLAS on the %s: OpenBLAS %s (CPU %s, OPENBLAS_CORETYPE %s)", where, cores or "not found",
+                 described["cpu"], described["OPENBLAS_CORETYPE"] or "unset")
+        for warning in described["warnings"]:
+            log.warning("BLAS on the %s: %s", where, warning)
+        for advice in described["advice"]:
+            log.info("BLAS on the %s: %s", where, advice)
+    return {"driver": driver, "executor": executor}
 
 
 def publish(config: JobConfig, staged_uri: str) -> list[str]:

@@ -147,7 +147,8 @@ def test_report_html_is_self_contained_and_shows_report_json_numbers(calibrated)
     assert page.count("<svg") >= 4  # similarity, group sizes, bucket sizes, stages
     keys = check_html_numbers(page, report)
     for needed in ("accounting.input_rows", "accounting.kept_rows", "accounting.removed_rows", "accounting.balanced",
-                   "recall_estimate.closure_recall", "calibration.3.removed_rows", "timings_seconds.total"):
+                   "recall_estimate.closure_recall", "calibration.3.removed_rows", "timings_seconds.total",
+                   "blas.executor.openblas.numpy", "blas.executor.openblas.faiss"):
         assert needed in keys, needed
     # The largest groups and the size distribution, against the published duplicates table.
     duplicates = pq.read_table(sorted((out / "duplicates").glob("part-*.parquet"))).to_pandas()

@@ -1,0 +1,128 @@
+"""Which BLAS kernels the matrix products run on, and faiss imported so that it runs numpy's.
+
+numpy's wheels and faiss-cpu's each bundle their own OpenBLAS, and each picks its
+kernels (its "core") once, when the library loads: from ``OPENBLAS_CORETYPE`` if
+set, else by detecting the CPU. faiss-cpu 1.15's OpenBLAS is 0.3.15 (2021); on a
+CPU it does not know it falls back to its generic kernels (on this project's
+Zen 5-class host: "Prescott", flat search 86 GFLOP/s against 330-430 on its
+AVX-512 "SkylakeX" kernels), while numpy's OpenBLAS 0.3.31 detects the same CPU
+correctly. ``import_faiss`` therefore loads faiss with the core numpy's OpenBLAS
+chose when the environment sets none; a core the environment sets is respected.
+
+``describe`` reports the cores a process runs on, with advice when they leave
+the CPU's vector units unused; the pipeline records it for the driver and for
+one executor task in report.json (``blas``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from types import ModuleType
+from typing import Any
+
+# OpenBLAS cores with AVX2 + FMA kernels, and those of them with AVX-512 kernels (OpenBLAS's names).
+AVX512_CORES = frozenset({"SkylakeX", "Cooperlake", "SapphireRapids"})
+AVX2_CORES = AVX512_CORES | {"Haswell", "Zen"}
+# What faiss-cpu's OpenBLAS 0.3.15 can be told: it predates SapphireRapids, whose instructions
+# are a superset of Cooperlake's; a name it does not know would make it detect (and fall back).
+_FAISS_OPENBLAS_CORE = {"SapphireRapids": "Cooperlake"}
+_FAISS_OPENBLAS_KNOWS = frozenset({"Prescott", "Core2", "Penryn", "Dunnington", "Nehalem", "Sandybridge",
+                                   "Haswell", "SkylakeX", "Cooperlake", "Opteron", "Barcelona", "Bulldozer",
+                                   "Piledriver", "Steamroller", "Excavator", "Zen", "Atom", "Nano"})
+_AVX512_FLAGS = frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd"})
+
+
+def cpu_vector_level() -> str:
+    """``avx512``, ``avx2`` or ``baseline``, from /proc/cpuinfo (``unknown`` where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            flags = next((set(line.split(":", 1)[1].split()) for line in cpuinfo if line.startswith("flags")), set())
+    except OSError:
+        return "unknown"
+    if _AVX512_FLAGS <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "baseline"
+
+
+def openblas_cores() -> dict[str, str]:
+    """The core of every OpenBLAS loaded in this process, by the package that bundles it
+    (``numpy``, ``faiss``, else the file name). Empty where /proc/self/maps does not exist."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            paths = {line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "openblas" in line.lower()}
+    except OSError:
+        return {}
+    cores = {}
+    for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
+        core = _core_of(path)
+        if core is not None:
+            label = next((name for name in ("numpy", "faiss") if name in path), os.path.basename(path))
+            cores[label] = core
+    return cores
+
+
+def _core_of(path: str) -> str | None:
+    """OpenBLAS's openblas_get_corename, under the symbol prefixes and suffixes its builds use."""
+    try:
+        library = ctypes.CDLL(path)
+    except OSError:
+        return None
+    for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                 "openblas_get_corename"):
+        function = getattr(library, name, None)
+        if function is not None:
+            function.restype = ctypes.c_char_p
+            return function().decode("ascii", "replace")
+    return None
+
+
+def import_faiss() -> ModuleType:
+    """faiss, loaded (on first use in the process) with the OpenBLAS core numpy's OpenBLAS detected,
+    unless OPENBLAS_CORETYPE is set. The variable is set only while faiss loads: nothing else in
+    the process, nor a process it starts, sees it."""
+    if "faiss" in sys.modules or os.environ.get("OPENBLAS_CORETYPE"):
+        import faiss
+
+        return faiss
+    import numpy  # noqa: F401  (loads numpy's OpenBLAS, whose detection is asked below)
+
+    core = openblas_cores().get("numpy")
+    core = _FAISS_OPENBLAS_CORE.get(core, core)
+    if core not in _FAISS_OPENBLAS_KNOWS:
+        import faiss
+
+        return faiss
+    os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        import faiss
+    finally:
+        del os.environ["OPENBLAS_CORETYPE"]
+    return faiss
+
+
+def describe() -> dict[str, Any]:
+    """This process's CPU vector level, OPENBLAS_CORETYPE and OpenBLAS cores (numpy and faiss
+    loaded first), with ``warnings`` where a library runs generic kernels on a CPU with AVX2 or
+    AVX-512, and ``advice`` where OPENBLAS_CORETYPE pins AVX2 kernels on a CPU with AVX-512."""
+    import numpy  # noqa: F401
+
+    import_faiss()
+    level = cpu_vector_level()
+    pinned = os.environ.get("OPENBLAS_CORETYPE") or None
+    cores = openblas_cores()
+    names = {"avx512": "AVX-512", "avx2": "AVX2"}
+    generic = sorted(lib for lib, core in cores.items() if level in names and core not in AVX2_CORES)
+    narrow = sorted(lib for lib, core in cores.items() if level == "avx512" and pinned and core in AVX2_CORES
+                    and core not in AVX512_CORES)
+    warnings, advice = [], []
+    if generic:
+        warnings.append(f"{' and '.join(generic)} OpenBLAS run generic kernels "
+                        f"({', '.join(cores[lib] for lib in generic)}) on a CPU with {names[level]}: their matrix "
+                        f"products are several times slower; set OPENBLAS_CORETYPE (Haswell, or SkylakeX with "
+                        f"AVX-512) for the driver and spark.executorEnv.OPENBLAS_CORETYPE for the executors")
+    if narrow:
+        advice.append(f"{' and '.join(narrow)} OpenBLAS run AVX2 kernels on a CPU with AVX-512 because "
+                      f"OPENBLAS_CORETYPE={pinned}: on the bench host SkylakeX ran the search kernel 1.6x faster")
+    return {"cpu": level, "OPENBLAS_CORETYPE": pinned, "openblas": cores, "warnings": warnings, "advice": advice}
