@@ -47,8 +47,8 @@ def cpu_vector_level() -> str:
 
 
 def openblas_cores() -> dict[str, str]:
-    """The core of every OpenBLAS loaded in this process, by the package that bundles it
-    (``numpy``, ``faiss``, else the file name). Empty where /proc/self/maps does not exist."""
+    """The core of every OpenBLAS loaded in this process, by the wheel that bundles it (``numpy``,
+    ``faiss``, ``scipy``, else the file name). Empty where /proc/self/maps does not exist."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
             paths = {line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "openblas" in line.lower()}
@@ -58,9 +58,17 @@ def openblas_cores() -> dict[str, str]:
     for path in sorted(p for p in paths if "openblas" in os.path.basename(p).lower()):
         core = _core_of(path)
         if core is not None:
-            label = next((name for name in ("numpy", "faiss") if name in path), os.path.basename(path))
-            cores[label] = core
+            cores[_package_of(path)] = core
     return cores
+
+
+def _package_of(path: str) -> str:
+    """The wheel that bundles a library (``numpy.libs/`` -> numpy, ``faiss_cpu.libs/`` -> faiss), else its file name."""
+    folder = os.path.basename(os.path.dirname(path))
+    if not folder.endswith(".libs"):
+        return os.path.basename(path)
+    package = folder[:-len(".libs")]
+    return "faiss" if package.startswith("faiss") else package
 
 
 def _core_of(path: str) -> str | None:
@@ -118,11 +126,15 @@ def describe() -> dict[str, Any]:
                     and core not in AVX512_CORES)
     warnings, advice = [], []
     if generic:
-        warnings.append(f"{' and '.join(generic)} OpenBLAS run generic kernels "
+        warnings.append(f"{_listed(generic)} OpenBLAS run generic kernels "
                         f"({', '.join(cores[lib] for lib in generic)}) on a CPU with {names[level]}: their matrix "
                         f"products are several times slower; set OPENBLAS_CORETYPE (Haswell, or SkylakeX with "
                         f"AVX-512) for the driver and spark.executorEnv.OPENBLAS_CORETYPE for the executors")
     if narrow:
-        advice.append(f"{' and '.join(narrow)} OpenBLAS run AVX2 kernels on a CPU with AVX-512 because "
+        advice.append(f"{_listed(narrow)} OpenBLAS run AVX2 kernels on a CPU with AVX-512 because "
                       f"OPENBLAS_CORETYPE={pinned}: on the bench host SkylakeX ran the search kernel 1.6x faster")
     return {"cpu": level, "OPENBLAS_CORETYPE": pinned, "openblas": cores, "warnings": warnings, "advice": advice}
+
+
+def _listed(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"

@@ -109,7 +109,6 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
 
     spark = spark or get_session(config, executor_env)
     started = time.perf_counter()
-    kernels_used = blas_report(spark)
     stages = StageRunner(config)
     work = config.work_uri
     staged = storage.join(work, "publish")
@@ -120,6 +119,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     input_columns = metadata_schema(manifest, config)
     # Checked before any work: a caption policy that cannot apply fails here.
     caption_name = captions.caption_column([] if input_columns is None else input_columns.names, config)
+    # After the input's checks, so a bad input's error is all the command line prints.
+    kernels_used = blas_report(spark)
     rows_uri = storage.join(work, "read")
     # Published, and read back by the write stage for the rejected rows' positions.
     rejected_uri = storage.join(staged, "rejected")

@@ -72,6 +72,7 @@ def test_the_report_holds_the_cores_an_executor_task_runs(spark, unpinned):
     # The local executor's Python workers inherit this process's environment, like a fresh one.
     expected = describe_in_fresh_process(os.environ.get("OPENBLAS_CORETYPE"))
     reported = blas_report(spark)
-    assert reported["executor"]["openblas"] == expected["openblas"]
+    # A worker that ran other tasks may hold scipy's OpenBLAS too (datasketch loads it).
+    assert {name: reported["executor"]["openblas"].get(name) for name in ("numpy", "faiss")} == expected["openblas"]
     assert reported["executor"]["cpu"] == expected["cpu"]
     assert reported["driver"]["openblas"].keys() >= {"numpy", "faiss"}
