@@ -24,7 +24,8 @@ from typing import Any
 
 # OpenBLAS cores with AVX2 + FMA kernels, and those of them with AVX-512 kernels (OpenBLAS's names).
 AVX512_CORES = frozenset({"SkylakeX", "Cooperlake", "SapphireRapids"})
-AVX2_CORES = AVX512_CORES | {"Haswell", "Zen"}
+_AVX2_ONLY_CORES = frozenset({"Haswell", "Zen"})
+AVX2_CORES = AVX512_CORES | _AVX2_ONLY_CORES
 # What faiss-cpu's OpenBLAS 0.3.15 can be told: it predates SapphireRapids, whose instructions
 # are a superset of Cooperlake's; a name it does not know would make it detect (and fall back).
 _FAISS_OPENBLAS_CORE = {"SapphireRapids": "Cooperlake"}
@@ -51,7 +52,7 @@ def openblas_cores() -> dict[str, str]:
     ``faiss``, ``scipy``, else the file name). Empty where /proc/self/maps does not exist."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            paths = {line.split(None, 5)[5].strip() for line in maps if line.count(" ") >= 5 and "openblas" in line.lower()}
+            paths = {fields[5].strip() for fields in (line.split(None, 5) for line in maps) if len(fields) == 6}
     except OSError:
         return {}
     cores = {}
@@ -114,16 +115,13 @@ def describe() -> dict[str, Any]:
     """This process's CPU vector level, OPENBLAS_CORETYPE and OpenBLAS cores (numpy and faiss
     loaded first), with ``warnings`` where a library runs generic kernels on a CPU with AVX2 or
     AVX-512, and ``advice`` where OPENBLAS_CORETYPE pins AVX2 kernels on a CPU with AVX-512."""
-    import numpy  # noqa: F401
-
-    import_faiss()
+    import_faiss()  # and numpy, which faiss imports
     level = cpu_vector_level()
     pinned = os.environ.get("OPENBLAS_CORETYPE") or None
     cores = openblas_cores()
     names = {"avx512": "AVX-512", "avx2": "AVX2"}
     generic = sorted(lib for lib, core in cores.items() if level in names and core not in AVX2_CORES)
-    narrow = sorted(lib for lib, core in cores.items() if level == "avx512" and pinned and core in AVX2_CORES
-                    and core not in AVX512_CORES)
+    narrow = sorted(lib for lib, core in cores.items() if level == "avx512" and pinned and core in _AVX2_ONLY_CORES)
     warnings, advice = [], []
     if generic:
         warnings.append(f"{_listed(generic)} OpenBLAS run generic kernels "
