@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,6 +17,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import config as config_module
+from dedup_spark import session
 from dedup_spark.group import choose_kept, duplicates_table, frame_reader
 from dedup_spark.tables import packed_binary
 
@@ -306,3 +309,42 @@ def test_duplicates_table_with_and_without_broadcast_members(spark, member_count
             assert pd.isna(estimate), (row, kept_row)
         else:
             assert abs(estimate - exact) < 0.18, (row, exact, estimate)
+
+
+def test_independent_queries_run_side_by_side_with_the_callers_local_properties(spark):
+    """session.run_concurrently (the group stage's totals, pairs/, views): the jobs overlap (a barrier
+    only all three together pass), each runs its own Spark job, and each sees the Spark local
+    properties the caller set (a scheduler pool, a job group), which a plain thread would not."""
+    barrier = threading.Barrier(3, timeout=60)
+    context = spark.sparkContext
+
+    def job(rows: int):
+        def run():
+            barrier.wait()  # BrokenBarrierError if the jobs ran one after another
+            return context.getLocalProperty("dedup.test.pool"), spark.range(rows).count()
+        return run
+
+    context.setLocalProperty("dedup.test.pool", "caller")
+    try:
+        done = session.run_concurrently("test", {f"rows {rows}": job(rows) for rows in (10, 20, 30)})
+    finally:
+        context.setLocalProperty("dedup.test.pool", None)
+    assert done == {"rows 10": ("caller", 10), "rows 20": ("caller", 20), "rows 30": ("caller", 30)}
+
+
+def test_a_failed_side_by_side_query_is_raised_after_the_others_end():
+    finished = []
+
+    def slow():
+        time.sleep(0.5)
+        finished.append("slow")
+
+    def fails_first():
+        raise ValueError("the first failure")
+
+    def fails_later():
+        raise KeyError("a later failure")
+
+    with pytest.raises(ValueError, match="the first failure"):
+        session.run_concurrently("test", {"fails first": fails_first, "slow": slow, "fails later": fails_later})
+    assert finished == ["slow"]
