@@ -29,7 +29,7 @@ from pyspark.sql import types as T
 
 from dedup_spark import minhash
 from dedup_spark.config import CaptionsConfig, JobConfig
-from dedup_spark.kernels import as_float32, components
+from dedup_spark.kernels import components, exact_cosine
 from dedup_spark.read import CAPTION_SCHEMA, VALID_SCHEMA
 from dedup_spark.tables import BatchTransform, binary_matrix
 
@@ -231,7 +231,7 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: RowReader, dim: 
         for batch in _merge_captions(batches) if with_captions else batches:
             if batch.num_rows == 0:
                 continue
-            own = as_float32(binary_matrix(batch.column("embedding"), dim))
+            own = binary_matrix(batch.column("embedding"), dim)
             group_id = batch.column("group_id").to_numpy()
             is_kept = batch.column("is_kept").to_numpy(zero_copy_only=False)
             # Each group starts with its kept row: a row's kept row is the last kept row so far.
@@ -244,7 +244,8 @@ def duplicates_table(members: DataFrame, kept: DataFrame, rows: RowReader, dim: 
             source = np.where(last_kept >= 0, last_kept, batch.num_rows)
             if not np.array_equal(kept_group[source], group_id):
                 raise RuntimeError("a group's kept row is missing from its members")
-            sim = np.einsum("ij,ij->i", own, kept_vectors[source])
+            # The search's own measure: a copy identical to its kept row is exactly 1.0.
+            sim = exact_cosine(own, kept_vectors[source])
             sim[is_kept] = 1.0
             caption_similarity = pa.nulls(batch.num_rows, pa.float32())
             if with_captions:

@@ -1,11 +1,14 @@
 """Pure numpy / faiss kernels: no Spark here, so each is unit-testable alone.
 
-Exactness contract of the search: a pair is reported when its cosine
-similarity on the stored float16 values is >= the threshold. Similarities are
-computed by float32 matrix multiplication; pairs whose float32 value lies
-within the float32 rounding bound of the threshold are recomputed in float64
-(exact for float16 inputs up to the final rounding), so the decision does not
-depend on BLAS blocking, thread count or how a bucket was split.
+Exactness contract of the search: a pair is reported when the cosine
+similarity of its stored float16 vectors, computed in float64, is >= the
+threshold. (Stored rows are unit vectors rounded to float16, so their lengths
+differ from 1 by up to ~1e-3: the cosine, not the plain dot product, is what
+makes two identical rows similar exactly 1.0.) Similarities are computed by
+float32 matrix products of the rows scaled to unit length; pairs whose float32
+value lies within the float32 rounding bound of a threshold are recomputed in
+float64 (``exact_cosine``), so the decision does not depend on BLAS blocking,
+thread count or how a bucket was split.
 """
 
 from __future__ import annotations
@@ -36,6 +39,37 @@ def as_float32(matrix: np.ndarray) -> np.ndarray:
     if matrix.dtype != np.float16 or matrix.ndim != 2 or matrix.shape[1] == 0:
         return np.ascontiguousarray(matrix, dtype=np.float32)
     return _fp16_decoder(matrix.shape[1]).decode(np.ascontiguousarray(matrix).view(np.uint8))
+
+
+def unit_float32(matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` (rows x d, stored float16) as float32 rows scaled to unit length: their products
+    are the rows' cosines up to float32 rounding (``similarity_margin``)."""
+    values = as_float32(matrix)
+    if values.size == 0:
+        return values
+    norms = np.sqrt(np.einsum("ij,ij->i", values, values, dtype=np.float64))
+    scale = (1.0 / np.where(norms > 0.0, norms, 1.0)).astype(np.float32)[:, None]
+    if np.may_share_memory(values, matrix):  # float32 input comes back as itself: never scale it in place
+        return values * scale
+    values *= scale
+    return values
+
+
+# A float64 cosine this close to 1 is 1: the rounding of the dot product and the norms of two
+# identical rows (d <= ~10^4) stays well inside it, so identical rows meet a threshold of 1.0.
+_COSINE_ONE = 2.0**-40
+
+
+def exact_cosine(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Row-wise cosine of ``left[i]`` and ``right[i]`` in float64 (the search's exact decision):
+    identical rows give exactly 1.0, zero rows 0.0."""
+    a = np.asarray(left, dtype=np.float64)
+    b = np.asarray(right, dtype=np.float64)
+    if a.shape[0] == 0:
+        return np.zeros(0, dtype=np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", a, a) * np.einsum("ij,ij->i", b, b))
+    cosine = np.einsum("ij,ij->i", a, b) / np.where(norms > 0.0, norms, 1.0)
+    return np.where(cosine >= 1.0 - _COSINE_ONE, 1.0, cosine)
 
 
 @functools.cache
@@ -107,7 +141,8 @@ def sample_mask(row_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
 
 
 def similarity_margin(dim: int) -> float:
-    """Twice the worst-case float32 error of a length-``dim`` dot product of unit vectors."""
+    """Twice the worst-case float32 error of a length-``dim`` dot product of unit vectors (``unit_float32``
+    rows: their scaling's own rounding is inside the factor two)."""
     return 2.0 * dim * 2.0**-24 * 1.01 + 1e-7
 
 
@@ -256,9 +291,9 @@ def search_pairs(
     ``right is None``: pairs inside ``left`` with i < j. Otherwise every
     (i in left, j in right). Inputs are float16 (or float32) unit rows.
     """
-    left32 = as_float32(left)
+    left32 = unit_float32(left)
     same = right is None
-    right32 = left32 if same else as_float32(right)
+    right32 = left32 if same else unit_float32(right)
     margin = similarity_margin(left32.shape[1])
     low, high = threshold - margin, threshold + margin
     for start in range(0, left32.shape[0], block_rows):
@@ -275,11 +310,7 @@ def search_pairs(
             rows, cols, sims = rows[upper], cols[upper], sims[upper]
         unsure = sims < high
         if unsure.any():
-            exact = np.einsum(
-                "ij,ij->i",
-                left[rows[unsure]].astype(np.float64),
-                (left if same else right)[cols[unsure]].astype(np.float64),
-            )
+            exact = exact_cosine(left[rows[unsure]], (left if same else right)[cols[unsure]])
             sims = sims.astype(np.float64)
             sims[unsure] = exact
             keep = sims >= threshold
@@ -349,7 +380,7 @@ def _exact_band(scores: np.ndarray, left: np.ndarray, right: np.ndarray, rows: n
         return
     band_r, band_c = np.nonzero(band)
     if band_r.size:
-        exact = np.einsum("ij,ij->i", left[rows[band_r]].astype(np.float64), right[cols[band_c]].astype(np.float64))
+        exact = exact_cosine(left[rows[band_r]], right[cols[band_c]])
         scores[band_r, band_c] = np.where(exact >= threshold, threshold + 2 * margin, -np.inf)
 
 
@@ -508,8 +539,8 @@ def graph_search(
     same = right is None
     columns_all = left if same else right
     # Gathered once: each block is then a slice, not a copy of its columns.
-    left32 = as_float32(points[left])
-    right32 = left32 if same else as_float32(points[right])
+    left32 = unit_float32(points[left])
+    right32 = left32 if same else unit_float32(points[right])
     lowest = np.float32(thresholds[0] - margin)
     # Bytes per similarity cell while a block is live: scores and masks, and where every cell is a
     # hit (a giant group) the found pairs' indices, values and bins; 8 more per extra threshold's copy.
@@ -546,7 +577,7 @@ def graph_search(
             continue
         a = np.concatenate([p[0] for p in picked])
         b = np.concatenate([p[1] for p in picked])
-        similarity = np.einsum("ij,ij->i", points[a].astype(np.float64), points[b].astype(np.float64))
+        similarity = exact_cosine(points[a], points[b])
         result.append((a, b, similarity.astype(np.float32)))
     return GraphSearchResult(result, found.pair_counts, found.histogram, found.pairs)
 
@@ -567,8 +598,7 @@ def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: n
     for threshold in thresholds:
         unsure |= (similarity >= threshold - margin) & (similarity < threshold + margin)
     if unsure.any():
-        similarity[unsure] = np.einsum("ij,ij->i", points[node_a[unsure]].astype(np.float64),
-                                       points[node_b[unsure]].astype(np.float64))
+        similarity[unsure] = exact_cosine(points[node_a[unsure]], points[node_b[unsure]])
     hit = similarity >= thresholds[0]
     similarity, node_a, node_b = similarity[hit], node_a[hit], node_b[hit]
     if sharing == "none":
@@ -621,9 +651,7 @@ def _dense_block(found: _Found, raw: np.ndarray, rows: np.ndarray, cols: np.ndar
                     # Scores settled in float64 were set to threshold + 2 margin: give them their exact value.
                     settled = values == np.float32(threshold + 2 * margin)
                     if settled.any():
-                        values[settled] = np.einsum(
-                            "ij,ij->i", points[rows[kept_r[settled]]].astype(np.float64),
-                            points[cols[kept_c[settled]]].astype(np.float64))
+                        values[settled] = exact_cosine(points[rows[kept_r[settled]]], points[cols[kept_c[settled]]])
                     found.pairs.append((rows[kept_r], cols[kept_c], values.astype(np.float32)))
             else:
                 # No pair indices materialised: a giant group's blocks are all hits.

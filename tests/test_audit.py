@@ -31,7 +31,9 @@ def audited(spark, tmp_path_factory):
     queries = np.concatenate([copies, unrelated]).astype(np.float32)
     (directory / "queries").mkdir()
     np.save(directory / "queries" / "generated.npy", queries)
-    scores = normalize(queries).astype(np.float64) @ train.astype(np.float64).T
+    stored_queries = normalize(queries)
+    query_index, train_index = np.meshgrid(np.arange(len(queries)), np.arange(len(train)), indexing="ij")
+    scores = cosine(stored_queries[query_index.ravel()], train[train_index.ravel()]).reshape(query_index.shape)
     truth = {(int(q), int(r)) for q, r in zip(*np.nonzero(scores >= THRESHOLD), strict=True)}
     return sample, root, dedup_out, directory / "queries", sources, truth
 

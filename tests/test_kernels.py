@@ -94,6 +94,35 @@ def test_exactness_at_the_threshold_does_not_depend_on_blocking(sample):
         assert set(found) == {p for p, s in oracle.items() if s >= edge}
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_identical_rows_meet_every_threshold_up_to_one(seed):
+    """Stored rows are unit vectors rounded to float16, so an identical pair's plain dot product is
+    its squared length, 1 +- ~1e-3: on either side of 1.0. The cosine makes it exactly 1."""
+    rng = np.random.default_rng(seed)
+    sources = normalize(rng.standard_normal((60, 96)).astype(np.float32))
+    copies = np.repeat(sources, rng.integers(2, 6, size=len(sources)), axis=0)
+    # Near but not identical copies: one float16 step apart in one component.
+    nudged = copies[::7].copy()
+    nudged[:, 0] = np.nextafter(nudged[:, 0], np.float16(1.0))
+    # And one large group, whose blocks take the dense path.
+    crowd = np.repeat(sources[1:2], 300, axis=0)
+    stored = np.concatenate([copies, nudged, crowd, normalize(rng.standard_normal((200, 96)).astype(np.float32))])
+    lengths = (stored.astype(np.float64) ** 2).sum(axis=1)
+    assert lengths.min() < 1.0 < lengths.max()  # the case this guards: identical rows' dots straddle 1
+    _, first = np.unique(stored.view(np.uint16), axis=0, return_inverse=True)
+    first = first.ravel()
+    identical = {(i, j) for i in range(len(stored)) for j in np.flatnonzero(first == first[i]).tolist() if j > i}
+    ids = np.arange(len(stored))
+    for threshold in (1.0, 0.999999):
+        oracle = brute_force_pairs(stored, threshold)
+        assert identical <= set(oracle)
+        found = _as_dict(kernels.search_pairs(stored, None, threshold, block_rows=50), ids, ids)
+        assert set(found) == set(oracle)
+        assert all(found[p] == 1.0 for p in identical)
+        a, b, _ = kernels.spanning_edges(stored, ids, None, threshold, block_rows=64)
+        assert groups_of(list(zip(a.tolist(), b.tolist()))) == groups_of(oracle)
+
+
 def test_block_splitting_gives_the_same_pairs_as_unsplit_search(sample):
     stored = normalize(sample.embeddings)
     ids = np.arange(len(stored))
