@@ -27,12 +27,14 @@ from pyspark.sql import functions as F
 
 from dedup_spark import report, search, storage, tables, write
 from dedup_spark.config import ConfigError, JobConfig
-from dedup_spark.pipeline import SUCCESS, OutputError, publish
+from dedup_spark.publish import SUCCESS, Claim, check_locations, publish
 from dedup_spark.read import InputError, Manifest, build_manifest, read_metadata, read_rows
 from dedup_spark.tables import binary_matrix
 
 log = logging.getLogger("dedup_spark")
 _SHOWN = ("key", "caption", "url")
+# What an audit publishes under its output, at the top level.
+ENTRIES = ("matches", "decontaminated", "audit_report.json")
 
 
 def _training_side(config: JobConfig) -> tuple[Manifest, JobConfig, bool]:
@@ -53,23 +55,33 @@ def run_audit(config: JobConfig, spark: SparkSession | None = None) -> dict[str,
     if not config.audit.queries_uri or not config.input.uri or not config.output.uri:
         raise ConfigError("--queries, --train and --output are required")
     executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region, config.storage.s3_attempts)
-    for source in (config.input.uri, config.audit.queries_uri):
-        if storage.is_within(config.output.uri, source) or storage.is_within(source, config.output.uri):
-            raise OutputError(f"output {config.output.uri} and input {source} overlap; choose another output")
-    if storage.exists(storage.join(config.output.uri, SUCCESS)) and not config.output.overwrite:
-        raise OutputError(f"output {config.output.uri} already holds a published result; pass --overwrite to replace it")
-    from dedup_spark.session import get_session
+    # Every input is checked before Spark starts, so a bad one is the only line the command prints.
+    manifest, train_config, dedup_run = _training_side(config)
+    query_config = config.replace({"input.uri": config.audit.queries_uri, "input.format": config.audit.queries_format,
+                                   "input.id_column": None, "input.dim": None})
+    query_manifest = build_manifest(query_config)
+    if query_manifest.dim != manifest.dim:
+        raise InputError(f"the queries under {config.audit.queries_uri} are {query_manifest.dim}-d and the training rows "
+                         f"{manifest.dim}-d: embed the queries with the training set's model")
+    if query_manifest.rows > config.audit.max_queries:
+        raise InputError(f"{query_manifest.rows} queries > audit.max_queries {config.audit.max_queries}; split them")
+    check_locations([config.input.uri, manifest.input_uri, config.audit.queries_uri], config.output.uri,
+                    config.work_uri, config.output.overwrite, ENTRIES)
+    locations = [config.output.uri] + ([] if storage.is_within(config.work_uri, config.output.uri) else [config.work_uri])
+    with Claim(locations, config.run.claim_timeout, config.run.take_over) as claim:
+        from dedup_spark.session import get_session
 
-    spark = spark or get_session(config, executor_env)
+        spark = spark or get_session(config, executor_env)
+        return _audit(config, spark, claim, started, (manifest, train_config, dedup_run), (query_manifest, query_config))
+
+
+def _audit(config: JobConfig, spark: SparkSession, claim: Claim, started: float,
+           training: tuple[Manifest, JobConfig, bool], querying: tuple[Manifest, JobConfig]) -> dict[str, Any]:
     staged = storage.join(config.work_uri, "publish")
     storage.delete_tree(staged)
     threshold = config.search.threshold
-    manifest, train_config, dedup_run = _training_side(config)
-    query_config = config.replace({"input.uri": config.audit.queries_uri, "input.format": config.audit.queries_format,
-                                   "input.id_column": None, "input.dim": manifest.dim})
-    query_manifest = build_manifest(query_config)
-    if query_manifest.rows > config.audit.max_queries:
-        raise InputError(f"{query_manifest.rows} queries > audit.max_queries {config.audit.max_queries}; split them")
+    manifest, train_config, dedup_run = training
+    query_manifest, query_config = querying
     queries = read_rows(spark, query_manifest, query_config).where(F.col("reject_reason").isNull()).toArrow()
     query_ids = queries.column("row_id").to_numpy()
     query_matrix = binary_matrix(queries.column("embedding"), manifest.dim).copy()
@@ -117,7 +129,7 @@ def run_audit(config: JobConfig, spark: SparkSession | None = None) -> dict[str,
         result["decontamination"] = _exclude(spark, manifest, train_rows, written, staged, config)
     result["seconds"] = round(time.perf_counter() - started, 3)
     storage.write_json(storage.join(staged, "audit_report.json"), result)
-    publish(config, staged)
+    publish(config.output.uri, staged, claim.run_id, claim, keep_staged=config.run.keep_work)
     if not config.run.keep_work:
         storage.delete_tree(config.work_uri)
     log.info("audit done: %d of %d queries match %d training rows; outputs under %s", result["queries_with_match"],

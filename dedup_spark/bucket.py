@@ -200,6 +200,11 @@ def train(spark: SparkSession, rows_uri: str, valid_rows: int, dim: int, config:
 
     rounds = rounds_for(config)
     k = choose_k(max(1, valid_rows), config)
+    if config.bucketing.k is not None and config.bucketing.k > max(1, valid_rows // 8):
+        log.warning("bucketing.k=%d is far above what %d valid rows support (%d buckets of 8 rows): most "
+                    "buckets hold a row or two, so pairs across their borders are missed and recall drops%s; "
+                    "leave bucketing.k unset for the cost model's choice", config.bucketing.k, valid_rows,
+                    max(1, valid_rows // 8), f" (K clamped to {k})" if k < config.bucketing.k else "")
     sample = np.zeros((0, dim), dtype=np.float32)
     if config.bucketing.method == "lsh":
         bits = max(1, int(round(math.log2(max(2, k)))))

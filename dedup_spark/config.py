@@ -24,7 +24,6 @@ BUCKETING_METHODS = ("kmeans", "lsh")
 CAPTION_POLICIES = ("ignore", "merge", "keep_distinct")
 # Caption columns recognised by captions.column: auto (case-insensitive, first match wins).
 CAPTION_COLUMNS = ("caption", "text", "title")
-STAGES = ("read", "train", "assign", "search", "group", "estimate", "write")
 
 
 class ConfigError(ValueError):
@@ -135,9 +134,8 @@ class RunConfig:
     work_dir: str | None = None
     keep_work: bool = False
     log_level: str = "INFO"
-    fail_after_stage: str | None = None
-    fault_task_fraction: float = 0.0
-    fault_drop_rows: int = 0
+    claim_timeout: float = 600.0
+    take_over: bool = False
 
 
 @dataclass(frozen=True)
@@ -267,7 +265,6 @@ def validate(config: JobConfig) -> None:
         (config.bucketing.rounds is None or config.bucketing.rounds >= 1, "bucketing.rounds must be >= 1"),
         (config.input.on_bad_shard in ("fail", "skip"), "input.on_bad_shard must be fail or skip"),
         (0.0 <= config.input.max_rejected_fraction <= 1.0, "input.max_rejected_fraction must be in [0, 1]"),
-        (0.0 <= config.run.fault_task_fraction < 1.0, "run.fault_task_fraction must be in [0, 1)"),
         (config.captions.policy in CAPTION_POLICIES, f"captions.policy must be one of {CAPTION_POLICIES}"),
         (config.captions.shingles in ("chars", "words"), "captions.shingles must be chars or words"),
         (config.captions.shingle_size >= 1, "captions.shingle_size must be >= 1"),
@@ -278,7 +275,7 @@ def validate(config: JobConfig) -> None:
         (config.audit.top_matches >= 0 and config.audit.max_queries >= 1 and config.audit.baseline_rows >= 0,
          "audit.top_matches and audit.baseline_rows must be >= 0, audit.max_queries >= 1"),
         (config.storage.s3_attempts >= 1, "storage.s3_attempts must be >= 1"),
-        (config.run.fault_drop_rows >= 0, "run.fault_drop_rows must be >= 0"),
+        (config.run.claim_timeout > 0, "run.claim_timeout must be > 0"),
         (config.input.chunk_rows >= 1, "input.chunk_rows must be >= 1"),
         (config.input.dim is None or config.input.dim >= 1, "input.dim must be >= 1"),
         (config.bucketing.k is None or config.bucketing.k >= 1, "bucketing.k must be >= 1"),
@@ -296,7 +293,6 @@ def validate(config: JobConfig) -> None:
         (config.group.checkpoint_every >= 1, "group.checkpoint_every must be >= 1"),
         (config.group.local_edges >= 1, "group.local_edges must be >= 1"),
         (config.estimate.sample_rows >= 0, "estimate.sample_rows must be >= 0"),
-        (config.run.fail_after_stage in (None, *STAGES), f"run.fail_after_stage must be one of {STAGES}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -319,10 +315,18 @@ def load(config_file: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults, then an optional YAML file, then dotted overrides."""
     config = JobConfig()
     if config_file is not None:
-        text = Path(config_file).read_text()
-        tree = yaml.safe_load(text) or {}
+        try:
+            tree = yaml.safe_load(Path(config_file).read_text(encoding="utf-8")) or {}
+        except OSError as error:
+            raise ConfigError(f"cannot read {config_file}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{config_file} is not a text file (expected YAML)") from None
+        except yaml.YAMLError as error:
+            where = getattr(error, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            raise ConfigError(f"{config_file} is not valid YAML{line}: {getattr(error, 'problem', None) or error}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"{config_file}: expected a mapping of sections")
+            raise ConfigError(f"{config_file}: expected a mapping of sections, like conf/default.yaml")
         base = config.to_dict()
         for section, values in tree.items():
             if section in base and isinstance(values, dict) and isinstance(base[section], dict):

@@ -36,6 +36,7 @@ from dedup_spark import (
     bucket,
     captions,
     estimate,
+    faults,
     group,
     html,
     kernels,
@@ -48,6 +49,7 @@ from dedup_spark import (
     write,
 )
 from dedup_spark.config import ConfigError, JobConfig
+from dedup_spark.publish import SUCCESS, Claim, OutputError, check_locations, publish
 from dedup_spark.read import (
     InputError,
     build_manifest,
@@ -61,35 +63,27 @@ from dedup_spark.read import (
 
 log = logging.getLogger("dedup_spark")
 
-SUCCESS = "_SUCCESS"
 # Bump when a stage's output format or meaning changes, so old work is not reused.
-STAGE_FORMAT = 4
+STAGE_FORMAT = 5
+# What a run publishes under its output, at the top level.
+ENTRIES = ("dedup", "duplicates", "pairs", "rejected", "model", "report.json", "report.html")
+__all__ = ["SUCCESS", "OutputError", "run"]
 
 
-class OutputError(ValueError):
-    """The output location cannot be used as asked."""
-
-
-class InjectedFault(RuntimeError):
-    """Raised by the test-only run.fail_after_stage switch."""
-
-
-def check_locations(config: JobConfig) -> None:
-    if not config.input.uri or not config.output.uri:
-        raise ConfigError("both --input and --output are required")
-    if storage.is_within(config.output.uri, config.input.uri):
-        raise OutputError(f"output {config.output.uri} is the input or inside it; choose another location")
-    if storage.is_within(config.input.uri, config.output.uri):
-        raise OutputError(f"input {config.input.uri} is inside the output {config.output.uri}; choose another location")
-    if storage.exists(storage.join(config.output.uri, SUCCESS)) and not config.output.overwrite:
-        raise OutputError(f"output {config.output.uri} already holds a published result; pass --overwrite to replace it")
+def claim_for(config: JobConfig) -> Claim:
+    """The claim a run holds on its output, and on its work prefix when that lies elsewhere."""
+    locations = [config.output.uri]
+    if not storage.is_within(config.work_uri, config.output.uri):
+        locations.append(config.work_uri)
+    return Claim(locations, config.run.claim_timeout, config.run.take_over)
 
 
 class StageRunner:
     """Runs stages in order, reusing those whose recorded key matches."""
 
-    def __init__(self, config: JobConfig) -> None:
+    def __init__(self, config: JobConfig, claim: Claim | None = None) -> None:
         self.config = config
+        self.claim = claim
         self.timer = report.StageTimer()
         self.previous_key = ""
         self.reused: list[str] = []
@@ -100,6 +94,8 @@ class StageRunner:
         key = hashlib.sha256(payload.encode()).hexdigest()
         marker = storage.join(self.config.work_uri, "stages", f"{name}.json")
         recorded = storage.read_json(marker) if storage.exists(marker) else None
+        if self.claim is not None:
+            self.claim.verify()  # a run that lost its output to another stops before its next stage
         if recorded and recorded.get("key") == key:
             self.reused.append(name)
             self.timer.seconds[name] = 0.0
@@ -111,18 +107,23 @@ class StageRunner:
                 record.update(rows=result.get("rows", 0), note=result.get("note", ""))
             storage.write_json(marker, {"key": key, "result": result})
         self.previous_key = key
-        if self.config.run.fail_after_stage == name:
-            raise InjectedFault(f"run.fail_after_stage={name}: stopping after stage {name} as asked")
+        faults.after_stage(name)
         return result
 
 
 def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     """Run the whole job; return the report (also written to report.json)."""
     executor_env = storage.configure_s3(config.storage.s3_endpoint, config.storage.s3_region, config.storage.s3_attempts)
-    check_locations(config)
-    spark = spark or session.get_session(config, executor_env)
+    if not config.input.uri or not config.output.uri:
+        raise ConfigError("both --input and --output are required")
+    check_locations([config.input.uri], config.output.uri, config.work_uri, config.output.overwrite, ENTRIES)
+    with claim_for(config) as claim:
+        return _run(config, spark or session.get_session(config, executor_env), claim)
+
+
+def _run(config: JobConfig, spark: SparkSession, claim: Claim) -> dict[str, Any]:
     started = time.perf_counter()
-    stages = StageRunner(config)
+    stages = StageRunner(config, claim)
     work = config.work_uri
     staged = storage.join(work, "publish")
     threshold = config.search.threshold
@@ -150,7 +151,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         cell_draw = bucket.cell_fraction(manifest.rows, config, least_valid)
         cell_sample = read.StoredSample(storage.join(work, "cell_sample"), ((cell_draw, config.bucketing.seed + 3),))
         samples = [sample, cell_sample] if cell_draw > 0 else [sample]
-        info = write_rows(spark, manifest, config, rows_uri, samples)  # tasks may fail: see run.fault_task_fraction
+        info = write_rows(spark, manifest, config, rows_uri, samples)
         if info.rows != manifest.rows:
             raise report.AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
         rejected_cols = tables.read_table(spark, rows_uri, ["row_id", "shard_id", "shard_row", "reject_reason"])
@@ -256,7 +257,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                        bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
         edges = search.search(routed, dim, thresholds, config.search.query_block_rows, all_pairs,
                               min(plan.tasks, partitions), task_memory // 2, model.width, plan.task_buckets,
-                              config.run.fault_task_fraction)
+                              faults.active().task_fraction)
         info = tables.write_table(edges, edges_uri)
         stats = search.search_stats(tables.read_table(spark, edges_uri), len(thresholds))
         return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
@@ -397,7 +398,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         if (group_result["captions"] or {}).get("merged_rows") is not None:
             merged = tables.read_table(spark, merged_uri).join(positions, "row_id")
         summaries = write.write_dedup(spark, manifest, drops, dedup_uri, storage.join(work, "scratch"),
-                                      config.run.fault_task_fraction, config.run.fault_drop_rows, merged)
+                                      faults.active().task_fraction, faults.active().drop_rows, merged)
         reported = sum(s["rows_written"] for s in summaries)
         written = write.count_written(manifest, dedup_uri)
         if written != reported:
@@ -457,7 +458,7 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
     storage.write_json(storage.join(staged, "report.json"), result)
     # Rendered from the JSON as written, so the page shows exactly report.json's numbers.
     storage.write_bytes(storage.join(staged, "report.html"), html.render(json.loads(json.dumps(result))).encode())
-    publish(config, staged)
+    publish(config.output.uri, staged, stages.previous_key, claim, keep_staged=config.run.keep_work)
     if not config.run.keep_work:
         storage.delete_tree(work)
     log.info("done: %d rows in, %d groups, %d removed, %d rejected, %.1f s; outputs under %s",
@@ -481,36 +482,3 @@ def blas_report(spark: SparkSession) -> dict[str, Any]:
         for advice in described["advice"]:
             log.info("BLAS on the %s: %s", where, advice)
     return {"driver": driver, "executor": executor}
-
-
-def publish(config: JobConfig, staged_uri: str) -> list[str]:
-    """Move the staged files into the output, then write _SUCCESS listing them.
-
-    The list of files is recorded first, so a publish interrupted half-way is
-    completed by the rerun (files already moved are found at their target).
-    A work prefix that is kept (run.keep_work) has its staged files copied
-    instead: its stage records stay true, so a later run that reuses them
-    (another output, --overwrite) publishes them whole.
-    """
-    output = config.output.uri
-    plan_uri = storage.join(config.work_uri, "publish_plan.json")
-    if storage.exists(plan_uri):
-        relatives = storage.read_json(plan_uri)["files"]
-    else:
-        relatives = [uri[len(staged_uri.rstrip("/")) + 1:] for uri in storage.list_files(staged_uri)]
-        storage.write_json(plan_uri, {"files": relatives})
-    # An earlier result stops being published before anything of the new one appears.
-    storage.delete_tree(storage.join(output, SUCCESS))
-    if config.output.overwrite:
-        for entry in storage.list_entries(output):
-            if not storage.is_within(config.work_uri, entry):
-                storage.delete_tree(entry)
-    for relative in relatives:
-        source, target = storage.join(staged_uri, relative), storage.join(output, relative)
-        if storage.exists(source):
-            (storage.copy if config.run.keep_work else storage.move)(source, target)
-        elif not storage.exists(target):
-            raise OutputError(f"cannot publish {relative}: missing from the staging area and the output")
-    storage.write_json(storage.join(output, SUCCESS), {"files": sorted(relatives)})
-    storage.delete_tree(plan_uri)
-    return relatives

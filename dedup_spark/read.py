@@ -55,6 +55,8 @@ class Shard:
     dtype: str
     data_offset: int = 0           # npy: bytes before the data
     row_groups: list[int] = field(default_factory=list)  # parquet: rows per row group
+    # Columns of the first shard's metadata that this shard's lacks: read as nulls.
+    missing_columns: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,8 +139,9 @@ def _npy_header(uri: str) -> tuple[int, int, str, int]:
     return int(shape[0]), int(shape[1]), dtype.newbyteorder("<").str if dtype.byteorder == ">" else dtype.str, offset
 
 
-def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -> tuple[int, list[int], int | None, str]:
-    """rows, row-group sizes, dim (None when unknown) and value dtype of a parquet file."""
+def _parquet_footer(uri: str, embedding_column: str | None,
+                    binary_dtype: str) -> tuple[int, list[int], int | None, str, list[str]]:
+    """rows, row-group sizes, dim (None when unknown), value dtype and column names of a parquet file."""
     with storage.open_input(uri) as handle:
         try:
             parquet = pq.ParquetFile(handle)
@@ -146,14 +149,16 @@ def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -
             raise InputError(f"{uri}: not a readable parquet file ({error})") from None
         metadata = parquet.metadata
         groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        if embedding_column is None:
-            return metadata.num_rows, groups, None, ""
         schema = parquet.schema_arrow
+        names = list(schema.names)
+        if embedding_column is None:
+            return metadata.num_rows, groups, None, "", names
         if embedding_column not in schema.names:
             raise InputError(f"{uri}: no embedding column {embedding_column!r}; columns are {schema.names}")
         column_type = schema.field(embedding_column).type
         if pa.types.is_fixed_size_list(column_type):
-            return metadata.num_rows, groups, column_type.list_size, str(column_type.value_type.to_pandas_dtype()().dtype)
+            return (metadata.num_rows, groups, column_type.list_size, str(column_type.value_type.to_pandas_dtype()().dtype),
+                    names)
         if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
             value_type = column_type.value_type
             if not pa.types.is_floating(value_type):
@@ -164,7 +169,7 @@ def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -
                 first = parquet.read_row_group(0, columns=[embedding_column]).column(0).slice(0, 64)
                 lengths = [len(v) for v in first.to_pylist() if v is not None]
                 dim = Counter(lengths).most_common(1)[0][0] if lengths else None
-            return metadata.num_rows, groups, dim, np.dtype(value_type.to_pandas_dtype()).name
+            return metadata.num_rows, groups, dim, np.dtype(value_type.to_pandas_dtype()).name, names
         if pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type):
             dim = None
             if metadata.num_rows:
@@ -172,7 +177,7 @@ def _parquet_footer(uri: str, embedding_column: str | None, binary_dtype: str) -
                 lengths = [len(v) for v in first.to_pylist() if v is not None]
                 itemsize = np.dtype(binary_dtype).itemsize
                 dim = Counter(lengths).most_common(1)[0][0] // itemsize if lengths else None
-            return metadata.num_rows, groups, dim, binary_dtype
+            return metadata.num_rows, groups, dim, binary_dtype, names
         raise InputError(f"{uri}: {embedding_column} has unsupported type {column_type}")
 
 
@@ -213,8 +218,8 @@ def build_manifest(config: JobConfig) -> Manifest:
                 if meta_uri not in present:
                     raise InputError(f"{uri}: no matching metadata file metadata/metadata_{suffix}.parquet")
                 rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
-                meta_rows, groups, _, _ = storage.retrying(_parquet_footer, meta_uri, None, config.input.binary_dtype,
-                                                           uri=meta_uri)
+                meta_rows, groups, _, _, columns = storage.retrying(_parquet_footer, meta_uri, None,
+                                                                    config.input.binary_dtype, uri=meta_uri)
                 if meta_rows != rows:
                     raise InputError(f"{uri} has {rows} rows but its metadata {meta_uri} has {meta_rows}")
             except InputError as error:
@@ -222,23 +227,23 @@ def build_manifest(config: JobConfig) -> Manifest:
                 continue
             candidates.append({"kind": "npy", "embedding_uri": uri, "metadata_uri": meta_uri,
                                "relative": [_relative(uri, root), _relative(meta_uri, root)], "rows": rows, "dim": dim,
-                               "dtype": dtype, "data_offset": data_offset, "row_groups": groups})
+                               "dtype": dtype, "data_offset": data_offset, "row_groups": groups, "columns": columns})
     elif fmt in ("npy", "parquet"):
         for uri in sorted((f for f in files if f.endswith(f".{fmt}")), key=_natural_key):
             try:
                 if fmt == "npy":
                     rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
-                    groups = []
+                    groups, columns = [], None
                 else:
-                    rows, groups, dim, dtype = storage.retrying(_parquet_footer, uri, config.input.embedding_column,
-                                                                config.input.binary_dtype, uri=uri)
+                    rows, groups, dim, dtype, columns = storage.retrying(
+                        _parquet_footer, uri, config.input.embedding_column, config.input.binary_dtype, uri=uri)
                     data_offset = 0
             except InputError as error:
                 bad_shard(uri, str(error), None)
                 continue
             candidates.append({"kind": fmt, "embedding_uri": uri, "metadata_uri": uri if fmt == "parquet" else None,
                                "relative": [_relative(uri, root)], "rows": rows, "dim": dim, "dtype": dtype,
-                               "data_offset": data_offset, "row_groups": groups})
+                               "data_offset": data_offset, "row_groups": groups, "columns": columns})
     else:
         raise InputError(f"unknown input format {fmt}")
     dims = Counter()
@@ -248,21 +253,43 @@ def build_manifest(config: JobConfig) -> Manifest:
     dim = config.input.dim or (dims.most_common(1)[0][0] if dims else None)
     shards: list[Shard] = []
     offset = 0
+    reference: list[str] | None = None
     for candidate in candidates:
         if candidate["dim"] is not None and candidate["dim"] != dim:
             bad_shard(candidate["embedding_uri"],
                       f"{candidate['embedding_uri']}: dimension {candidate['dim']}, but the input's is {dim} "
                       f"(mixed dimensions across shards; set input.dim, or input.on_bad_shard: skip)", candidate["rows"])
             continue
-        shards.append(Shard(len(shards), row_offset=offset, **candidate))
+        columns = candidate.pop("columns")
+        reference = columns if reference is None else reference
+        missing = [name for name in reference if name not in (columns or [])] if columns is not None else []
+        shards.append(Shard(len(shards), row_offset=offset, missing_columns=missing, **candidate))
         offset += candidate["rows"]
     if not shards:
         detail = f"; skipped: {[entry['reason'] for entry in skipped]}" if skipped else ""
         raise InputError(f"{root}: no usable {fmt} shards found{detail}")
     if dim is None:
         raise InputError(f"{root}: cannot tell the embedding dimension (no rows?); set input.dim")
+    _check_required_columns(shards, reference or [], config)
     used = {uri for shard in shards for uri in (shard.embedding_uri, shard.metadata_uri) if uri}
     return Manifest(root, fmt, dim, shards, [info for info in infos if info[0] in used], skipped)
+
+
+def _check_required_columns(shards: list[Shard], reference: list[str], config: JobConfig) -> None:
+    """Columns the run cannot do without must be in every shard: the id column and those
+    keep.expression reads. (Others a shard lacks, such as a caption or url column, are read as
+    nulls.) Checked from the footers, before any task runs."""
+    required = {config.input.id_column: "input.id_column"} if config.input.id_column else {}
+    if shards and config.input.id_column and config.input.id_column not in reference:
+        raise InputError(f"{shards[0].metadata_uri}: no column {config.input.id_column!r} (input.id_column)")
+    if config.keep.expression:
+        words = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", config.keep.expression))
+        required.update({name: "keep.expression" for name in reference if name in words})
+    for shard in shards:
+        lacking = [name for name in required if name in shard.missing_columns]
+        if lacking:
+            raise InputError(f"{shard.metadata_uri}: no column {lacking[0]!r}, which {required[lacking[0]]} needs "
+                             f"(the first shard has it); every shard must have it")
 
 
 def read_chunks(manifest: Manifest, chunk_rows: int) -> list[tuple[int, int, int]]:
@@ -448,12 +475,13 @@ def _decoding(spark: SparkSession, manifest: Manifest, config: JobConfig) -> tup
     """One task per chunk, and the function decoding a task's chunks into rows batches."""
     chunks = read_chunks(manifest, config.input.chunk_rows)
     manifest_payload = manifest.to_dict()
+    fault_fraction = faults.active().task_fraction
 
     def decode(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         local_manifest = Manifest.from_dict(manifest_payload)
         for batch in batches:
             for shard_id, start, stop in zip(*(batch.column(i).to_pylist() for i in range(3))):
-                faults.maybe_fail("read", config.run.fault_task_fraction, (shard_id, start))
+                faults.maybe_fail("read", fault_fraction, (shard_id, start))
                 yield from read_chunk(local_manifest, config, shard_id, start, stop)
 
     return spark.createDataFrame(chunks, _CHUNK_SCHEMA).repartition(max(1, len(chunks))), decode
@@ -571,23 +599,40 @@ def read_metadata(spark: SparkSession, manifest: Manifest, config: JobConfig,
         for batch in batches:
             for shard_id in batch.column(0).to_pylist():
                 shard = local.shards[shard_id]
-                with storage.open_input(shard.metadata_uri) as handle:
-                    position = shard.row_offset
-                    for chunk in pq.ParquetFile(handle).iter_batches(batch_size=16384, columns=keep_names):
-                        if id_column:
-                            ids, null_ids = _ids(chunk.column(id_column))
-                            row_ids = pa.array(ids, mask=null_ids)
-                        else:
-                            row_ids = pa.array(np.arange(position, position + chunk.num_rows, dtype=np.int64))
-                        position += chunk.num_rows
-                        arrays = [row_ids] + [chunk.column(n) for n in output_names[1:]]
-                        yield pa.RecordBatch.from_arrays(arrays, names=output_names)
+                position = shard.row_offset
+                for chunk in _metadata_batches(shard, keep_names, input_schema):
+                    if id_column:
+                        ids, null_ids = _ids(chunk.column(id_column))
+                        row_ids = pa.array(ids, mask=null_ids)
+                    else:
+                        row_ids = pa.array(np.arange(position, position + chunk.num_rows, dtype=np.int64))
+                    position += chunk.num_rows
+                    arrays = [row_ids] + [chunk.column(n) for n in output_names[1:]]
+                    yield pa.RecordBatch.from_arrays(arrays, names=output_names)
 
     shard_ids = [(s.shard_id,) for s in manifest.shards]
     tasks = spark.createDataFrame(shard_ids, "shard_id int").repartition(max(1, len(shard_ids)))
     if transform is None:
         return tasks.mapInArrow(decode, spark_schema)
     return tasks.mapInArrow(lambda batches: transform(decode(batches)), schema)
+
+
+def _metadata_batches(shard: Shard, names: list[str], schema: pa.Schema,
+                      batch_rows: int = 16384) -> Iterator[pa.RecordBatch]:
+    """The shard's metadata ``names`` in batches; a column this shard lacks (``missing_columns``)
+    comes as nulls of the type ``schema`` gives it."""
+    present = [name for name in names if name not in shard.missing_columns]
+    with storage.open_input(shard.metadata_uri) as handle:
+        parquet = pq.ParquetFile(handle)
+        if not present:  # nothing to read but the row count
+            for start in range(0, parquet.metadata.num_rows, batch_rows):
+                count = min(batch_rows, parquet.metadata.num_rows - start)
+                yield pa.RecordBatch.from_arrays([pa.nulls(count, schema.field(n).type) for n in names], names=names)
+            return
+        for chunk in parquet.iter_batches(batch_size=batch_rows, columns=present):
+            yield pa.RecordBatch.from_arrays(
+                [chunk.column(n) if n in present else pa.nulls(chunk.num_rows, schema.field(n).type) for n in names],
+                names=names)
 
 
 def metadata_of(spark: SparkSession, manifest: Manifest, config: JobConfig, row_ids: list[int],
@@ -642,10 +687,12 @@ def metadata_of(spark: SparkSession, manifest: Manifest, config: JobConfig, row_
                     needed = np.unique(group_of)
                     read_starts = np.concatenate([[0], np.cumsum([sizes[g] for g in needed])])
                     at = read_starts[np.searchsorted(needed, group_of)] + positions - starts[group_of]
-                    rows = parquet.read_row_groups(needed.tolist(), columns=names).take(pa.array(at))
-                    yield pa.RecordBatch.from_arrays([pa.array(found, pa.int64())]
-                                                     + [_as_strings(rows.column(name)) for name in names],
-                                                     names=schema.names)
+                    present = [name for name in names if name not in shard.missing_columns]
+                    rows = parquet.read_row_groups(needed.tolist(), columns=present).take(pa.array(at))
+                    yield pa.RecordBatch.from_arrays(
+                        [pa.array(found, pa.int64())] + [_as_strings(rows.column(name)) if name in present
+                                                         else pa.nulls(len(at), pa.string()) for name in names],
+                        names=schema.names)
 
     tasks = spark.createDataFrame(requests, "shard_id int, positions array<long>").repartition(len(requests))
     shown = tasks.mapInArrow(read_rows, schema).collect()

@@ -9,10 +9,12 @@ returns credentials.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
 import os
+import posixpath
 import random
 import re
 import time
@@ -156,14 +158,23 @@ def join(base: str, *parts: str) -> str:
 
 
 def canonical(uri: str) -> str:
-    """A comparable form of a URI: scheme plus normalised path."""
+    """A comparable form of a location: scheme plus its real path. Local paths have symlinks,
+    ``..`` and ``file://`` resolved (``os.path.realpath``, for the part that exists); object-store
+    URIs are bucket plus normalised key (``s3a://`` is ``s3://``); trailing slashes never count."""
     kind = scheme(uri)
+    if kind == "file":
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return "file://" + os.path.realpath(path).rstrip("/")
+    if kind in ("s3", "s3a"):
+        bucket, _, key = uri.split("://", 1)[1].partition("/")
+        key = posixpath.normpath("/" + key).lstrip("/")
+        return f"s3://{bucket}/{key}".rstrip("/")
     _, path = resolve(uri)
-    return f"{kind}://{path.rstrip('/')}"
+    return f"{kind}://{posixpath.normpath('/' + path).rstrip('/')}"
 
 
 def is_within(inner: str, outer: str) -> bool:
-    """True when ``inner`` equals ``outer`` or lies under it."""
+    """True when ``inner`` is ``outer`` or lies under it, once both are ``canonical``."""
     inner_c, outer_c = canonical(inner), canonical(outer)
     return inner_c == outer_c or inner_c.startswith(outer_c + "/")
 
@@ -261,30 +272,95 @@ def list_entries(uri: str) -> list[str]:
 
 
 def move(source: str, target: str) -> None:
-    """Move one file (a rename locally; copy and delete on object stores)."""
+    """Move one file: a rename on one local filesystem, else copy and delete (object stores,
+    another filesystem or another scheme)."""
     filesystem, source_path = resolve(source)
-    _, target_path = resolve(target)
+    target_filesystem, target_path = resolve(target)
+    if target_filesystem is not filesystem:
+        copy(source, target)
+        retrying(filesystem.delete_file, source_path, uri=source)
+        return
 
     def move_once() -> None:
         if filesystem.get_file_info(source_path).type == pafs.FileType.NotFound and \
                 filesystem.get_file_info(target_path).type == pafs.FileType.File:
             return  # an earlier attempt moved it and failed only in answering
         filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
-        filesystem.move(source_path, target_path)
+        try:
+            filesystem.move(source_path, target_path)
+        except OSError as error:
+            if not _cross_device(error):
+                raise
+            filesystem.copy_file(source_path, target_path)
+            filesystem.delete_file(source_path)
 
     retrying(move_once, uri=source)
 
 
+def _cross_device(error: OSError) -> bool:
+    """A rename refused because source and target are on different local filesystems (EXDEV)."""
+    return error.errno == errno.EXDEV or "Invalid cross-device link" in str(error)
+
+
 def copy(source: str, target: str) -> None:
-    """Copy one file (server-side on object stores)."""
+    """Copy one file (server-side within one object store; streamed between filesystems)."""
     filesystem, source_path = resolve(source)
-    _, target_path = resolve(target)
+    target_filesystem, target_path = resolve(target)
 
     def copy_once() -> None:
-        filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
-        filesystem.copy_file(source_path, target_path)
+        target_filesystem.create_dir(target_path.rsplit("/", 1)[0], recursive=True)
+        if target_filesystem is filesystem:
+            filesystem.copy_file(source_path, target_path)
+            return
+        with filesystem.open_input_stream(source_path) as reader, \
+                target_filesystem.open_output_stream(target_path) as writer:
+            while chunk := reader.read(16 << 20):
+                writer.write(chunk)
 
     retrying(copy_once, uri=source)
+
+
+def create_exclusive(uri: str, payload: bytes) -> bool:
+    """Write a small object only if nothing is at ``uri``: True when this call created it.
+
+    Atomic on local disks (``O_CREAT | O_EXCL``) and on S3 stores that honour a conditional
+    PUT (``If-None-Match: *``, AWS S3 and recent MinIO); elsewhere a check then a write, so two
+    callers within the same moment may both succeed (``Claim`` then settles it on its next check).
+    """
+    kind = scheme(uri)
+    if kind == "file":
+        _, path = resolve(uri)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            handle = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(payload)
+        return True
+    if kind in ("s3", "s3a"):
+        return _s3_put_if_absent(uri, payload)
+    if exists(uri):
+        return False
+    write_bytes(uri, payload)
+    return True
+
+
+def _s3_put_if_absent(uri: str, payload: bytes) -> bool:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    bucket, _, key = uri.split("://", 1)[1].partition("/")
+    endpoint = next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
+    region = next((os.environ[v] for v in REGION_VARIABLES if os.environ.get(v)), None)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    try:
+        client.put_object(Bucket=bucket, Key=key, Body=payload, IfNoneMatch="*")
+    except ClientError as error:
+        if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict", "412"):
+            return False
+        raise OSError(f"cannot create {uri}: {error}") from None
+    return True
 
 
 def open_output(uri: str):

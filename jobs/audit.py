@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.run.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     from dedup_spark.audit import run_audit
-    from dedup_spark.pipeline import OutputError
+    from dedup_spark.publish import OutputError
     from dedup_spark.read import InputError
 
     try:

@@ -2,6 +2,7 @@
 
     spark-submit jobs/dedup.py --input URI --output URI [--format laion|parquet|npy]
         [--threshold 0.95] [--thresholds 0.96,0.98] [--config conf/FILE.yaml] [--set key=value ...] [--overwrite]
+        [--take-over]
 
 Also runs as plain ``python jobs/dedup.py ...`` in Spark local mode.
 """
@@ -29,14 +30,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "each >= --threshold (search.thresholds)")
     parser.add_argument("--config", help="a YAML file of settings (see conf/default.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting")
-    parser.add_argument("--overwrite", action="store_true", help="replace a published output (output.overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a published output: removes only the files its _SUCCESS lists (output.overwrite)")
+    parser.add_argument("--take-over", action="store_true",
+                        help="take over the output's claim from a run known to be dead (run.take_over)")
     return parser.parse_args(argv)
 
 
 def load_config(args: argparse.Namespace) -> config_module.JobConfig:
     flags = {"input.uri": args.input, "output.uri": args.output, "input.format": args.format,
              "search.threshold": args.threshold,
-             "search.thresholds": args.thresholds, "output.overwrite": True if args.overwrite else None}
+             "search.thresholds": args.thresholds, "output.overwrite": True if args.overwrite else None,
+             "run.take_over": True if args.take_over else None}
     overrides = {key: value for key, value in flags.items() if value is not None}
     overrides.update(dict(config_module.parse_override(item) for item in args.set))
     return config_module.load(args.config, overrides)

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from dedup_spark import config as config_module
+from dedup_spark.faults import inject
 from dedup_spark.pipeline import run
 from dedup_spark.sample import SampleSpec, generate, write
 
@@ -19,13 +20,15 @@ def make_sample(directory: Path, rows: int, dim: int = 64, seed: int = 0, fmt: s
     return sample, root
 
 
-def run_job(spark, input_dir, output_dir, **settings) -> dict:
+def run_job(spark, input_dir, output_dir, faults: dict | None = None, **settings) -> dict:
     """The job in-process. The recall estimate and caption work are off unless asked for: they have
-    their own tests, and the spark-submit tests run them with the defaults."""
+    their own tests, and the spark-submit tests run them with the defaults. ``faults``: test-only
+    fault switches (``dedup_spark.faults.Faults`` fields) in force for this run."""
     overrides = {"input.uri": str(input_dir), "output.uri": str(output_dir), "estimate.sample_rows": 0,
                  "captions.column": None}
     overrides.update({key.replace("__", "."): value for key, value in settings.items()})
-    return run(config_module.load(None, overrides), spark)
+    with inject(**(faults or {})):
+        return run(config_module.load(None, overrides), spark)
 
 
 def read_table(directory: Path):

@@ -229,7 +229,7 @@ def test_injected_task_failures_leave_the_outputs_identical(spark, tmp_path):
     context.setJobGroup("injected-faults", "a run with failing first attempts")
     try:
         faulty = tmp_path / "faulty"
-        report = run_job(spark, root, faulty, run__fault_task_fraction=0.4, **settings)
+        report = run_job(spark, root, faulty, faults={"task_fraction": 0.4}, **settings)
     finally:
         context.setJobGroup("tests", "")
     tracker = context.statusTracker()
@@ -253,5 +253,5 @@ def test_a_silently_dropped_row_fails_the_accounting_and_publishes_nothing(spark
     sample, root = make_sample(tmp_path, rows=2000, dim=16, seed=62)
     out = tmp_path / "out"
     with pytest.raises(AccountingError, match="accounting failed"):
-        run_job(spark, root, out, run__fault_drop_rows=1, estimate__sample_rows=0)
+        run_job(spark, root, out, faults={"drop_rows": 1}, estimate__sample_rows=0)
     assert not (out / "_SUCCESS").exists() and not (out / "dedup").exists()

@@ -330,3 +330,33 @@ def test_copy_and_move_on_s3(s3_endpoint, monkeypatch):
         assert storage.read_bytes(f"s3://{BUCKET}/copy-move/out/moved.parquet") == payload
     finally:
         storage._filesystem.cache_clear()
+
+
+def test_a_claim_on_s3_is_created_exclusively_and_released(s3_endpoint, monkeypatch, tmp_path):
+    """The S3 claim is a conditional PUT (If-None-Match: *): a second claimant is refused while the
+    first holds it, and a work prefix on local disk publishes into S3 by copying."""
+    from dedup_spark import storage
+    from dedup_spark.publish import CLAIM, Claim, OutputError
+
+    env, client = s3_endpoint
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    storage._filesystem.cache_clear()
+    try:
+        location = f"s3://{BUCKET}/claimed"
+        assert storage.create_exclusive(f"{location}/probe", b"1") and not storage.create_exclusive(f"{location}/probe",
+                                                                                                   b"2")
+        assert storage.read_bytes(f"{location}/probe") == b"1", "the losing PUT must not overwrite"
+        with Claim([location]) as first:
+            with pytest.raises(OutputError, match=f"in use by run {first.run_id}"):
+                Claim([location]).acquire()
+            first.verify()
+        assert not storage.exists(f"{location}/{CLAIM}")
+        with Claim([location]) as second:
+            assert json.loads(storage.read_bytes(f"{location}/{CLAIM}"))["run_id"] == second.run_id
+        local = tmp_path / "staged.bin"
+        local.write_bytes(b"local bytes")
+        storage.move(str(local), f"{location}/from-local.bin")
+        assert not local.exists() and storage.read_bytes(f"{location}/from-local.bin") == b"local bytes"
+    finally:
+        storage._filesystem.cache_clear()

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import make_sample, run_job
 
-from dedup_spark.pipeline import InjectedFault, OutputError
+from dedup_spark.faults import InjectedFault
+from dedup_spark.publish import OutputError
 
 
 def published(out) -> list[str]:
@@ -32,13 +33,13 @@ def test_failed_run_publishes_nothing_and_the_rerun_resumes(spark, tmp_path, cap
     out = tmp_path / "out"
     settings = {"bucketing__k": 12, "output__pairs": "all"}
     with pytest.raises(InjectedFault):
-        run_job(spark, root, out, run__fail_after_stage="search", **settings)
+        run_job(spark, root, out, faults={"fail_after_stage": "search"}, **settings)
     assert not (out / "_SUCCESS").exists()
     assert published(out) == [], "a failed run must not publish anything"
 
     # A relevant setting changed: the stages before it are reused, the rest recomputed.
     with pytest.raises(InjectedFault):
-        run_job(spark, root, out, run__fail_after_stage="search", search__threshold=0.96, **settings)
+        run_job(spark, root, out, faults={"fail_after_stage": "search"}, search__threshold=0.96, **settings)
     assert published(out) == []
 
     caplog.set_level(logging.INFO, logger="dedup_spark")
@@ -59,7 +60,7 @@ def test_changing_the_threshold_after_a_failed_search_reuses_only_earlier_stages
     sample, root = make_sample(tmp_path, rows=3000, dim=32, seed=32)
     out = tmp_path / "out"
     with pytest.raises(InjectedFault):
-        run_job(spark, root, out, run__fail_after_stage="group", bucketing__k=6)
+        run_job(spark, root, out, faults={"fail_after_stage": "group"}, bucketing__k=6)
     report = run_job(spark, root, out, bucketing__k=6, search__threshold=0.97)
     # The threshold scales which near-copy centroids are merged, so the model is trained again.
     assert report["stages_reused"] == ["read"]
@@ -67,7 +68,7 @@ def test_changing_the_threshold_after_a_failed_search_reuses_only_earlier_stages
     # bucketing.margin.
     unmerged = tmp_path / "unmerged"
     with pytest.raises(InjectedFault):
-        run_job(spark, root, unmerged, run__fail_after_stage="group", bucketing__k=6, bucketing__merge_centroids=None)
+        run_job(spark, root, unmerged, faults={"fail_after_stage": "group"}, bucketing__k=6, bucketing__merge_centroids=None)
     report = run_job(spark, root, unmerged, bucketing__k=6, bucketing__merge_centroids=None, search__threshold=0.97)
     assert report["stages_reused"] == ["read", "train"]
     # Without the margin and without the recall probes (run_job turns them off; they ride on the
@@ -75,13 +76,13 @@ def test_changing_the_threshold_after_a_failed_search_reuses_only_earlier_stages
     without_margin = tmp_path / "without-margin"
     fixed = {"bucketing__k": 6, "bucketing__margin": None, "bucketing__merge_centroids": None}
     with pytest.raises(InjectedFault):
-        run_job(spark, root, without_margin, run__fail_after_stage="group", **fixed)
+        run_job(spark, root, without_margin, faults={"fail_after_stage": "group"}, **fixed)
     report = run_job(spark, root, without_margin, search__threshold=0.97, **fixed)
     assert report["stages_reused"] == ["read", "train", "assign"]
     with_probes = tmp_path / "with-probes"
     settings = {**fixed, "estimate__sample_rows": 64}
     with pytest.raises(InjectedFault):
-        run_job(spark, root, with_probes, run__fail_after_stage="group", **settings)
+        run_job(spark, root, with_probes, faults={"fail_after_stage": "group"}, **settings)
     report = run_job(spark, root, with_probes, search__threshold=0.97, **settings)
     assert report["stages_reused"] == ["read", "train"]
     assert report["recall_estimate"]["sample_rows"] == 64
