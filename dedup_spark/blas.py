@@ -17,10 +17,13 @@ one executor task in report.json (``blas``).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import sys
 from types import ModuleType
 from typing import Any
+
+log = logging.getLogger("dedup_spark")
 
 # OpenBLAS cores with AVX2 + FMA kernels, and those of them with AVX-512 kernels (OpenBLAS's names).
 AVX512_CORES = frozenset({"SkylakeX", "Cooperlake", "SapphireRapids"})
@@ -136,3 +139,20 @@ def describe() -> dict[str, Any]:
 
 def _listed(names: list[str]) -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def report(spark) -> dict[str, Any]:
+    """The OpenBLAS cores (``describe``) of the driver and of one executor task, logged: the
+    search kernel and the assignment are matrix products, and a library on generic kernels runs
+    them several times slower without any other sign, so that is a warning."""
+    driver = describe()
+    executor = spark.sparkContext.parallelize([0], 1).map(lambda _: describe()).first()
+    for where, described in (("driver", driver), ("executor", executor)):
+        cores = ", ".join(f"{library} {core}" for library, core in sorted(described["openblas"].items()))
+        log.info("BLAS on the %s: OpenBLAS %s (CPU %s, OPENBLAS_CORETYPE %s)", where, cores or "not found",
+                 described["cpu"], described["OPENBLAS_CORETYPE"] or "unset")
+        for warning in described["warnings"]:
+            log.warning("BLAS on the %s: %s", where, warning)
+        for advice in described["advice"]:
+            log.info("BLAS on the %s: %s", where, advice)
+    return {"driver": driver, "executor": executor}

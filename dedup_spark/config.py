@@ -37,6 +37,9 @@ class InputConfig:
     embedding_column: str = "embedding"
     binary_dtype: str = "float16"
     id_column: str | None = None
+    key_column: str | None = None
+    table: str | None = None
+    reference: str | None = None
     dim: int | None = None
     chunk_rows: int = 65536
     on_bad_shard: str = "fail"

@@ -12,6 +12,10 @@ row's pairs together), so the estimate is a ratio over sampled rows,
 R = sum(closed_i) / sum(true_i), with the linearised variance
 sum((closed_i - R true_i)^2) / (s (s - 1) mean(true)^2) and a normal 95% interval,
 clipped to [0, 1].
+
+Stage ``estimate``: in, the probes' true pairs (found by the assign stage), ``duplicates/``
+and, with ``output.pairs: all``, ``pairs/``. Result: closure (and direct) recall with their
+intervals and the estimate's cost.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import pyarrow as pa
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from dedup_spark import read, search
+from dedup_spark import read, search, tables
+from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import BatchTransform, binary_matrix
 
 
@@ -96,12 +101,23 @@ def true_pairs(probe_pairs: DataFrame) -> DataFrame:
 
 def estimate_recall(sample_pairs: DataFrame, sampled: int, duplicates: DataFrame, pairs: DataFrame | None) -> dict:
     """Closure (and direct, when ``pairs`` holds every found pair) recall with 95% intervals."""
+    return summarise(closure_flags(sample_pairs, duplicates), sampled, pairs)
+
+
+def closure_flags(sample_pairs: DataFrame, duplicates: DataFrame) -> DataFrame:
+    """(sample_row_id, row_id, closed): closed when the two rows ended in one group."""
     groups = duplicates.select("row_id", "group_id")
-    joined = (sample_pairs
-              .join(groups.withColumnRenamed("row_id", "sample_row_id").withColumnRenamed("group_id", "g_a"),
-                    "sample_row_id", "left")
-              .join(groups.withColumnRenamed("group_id", "g_b"), "row_id", "left")
-              .withColumn("closed", (F.col("g_a").isNotNull() & (F.col("g_a") == F.col("g_b"))).cast("long")))
+    return (sample_pairs
+            .join(groups.withColumnRenamed("row_id", "sample_row_id").withColumnRenamed("group_id", "g_a"),
+                  "sample_row_id", "left")
+            .join(groups.withColumnRenamed("group_id", "g_b"), "row_id", "left")
+            .select("sample_row_id", "row_id",
+                    (F.col("g_a").isNotNull() & (F.col("g_a") == F.col("g_b"))).cast("long").alias("closed")))
+
+
+def summarise(flags: DataFrame, sampled: int, pairs: DataFrame | None) -> dict:
+    """Per sampled row, its true pairs and those closed (and found), as ratio estimates."""
+    joined = flags
     if pairs is not None:
         found = pairs.select(F.col("row_id_a").alias("lo"), F.col("row_id_b").alias("hi"), F.lit(1).alias("found"))
         joined = (joined.withColumn("lo", F.least("sample_row_id", "row_id"))
@@ -121,3 +137,36 @@ def estimate_recall(sample_pairs: DataFrame, sampled: int, duplicates: DataFrame
         direct, low, high = ratio_interval(found, true)
         result.update(direct_recall=round(direct, 5), direct_recall_ci95=[round(low, 5), round(high, 5)])
     return result
+
+
+def _settings(ctx: RunContext) -> dict:
+    return {"sample_rows": ctx.config.estimate.sample_rows}
+
+
+def _run(ctx: RunContext) -> dict:
+    from dedup_spark.assign import probing
+
+    if not probing(ctx):
+        return {"rows": 0, "skipped": True}
+    spark, work = ctx.spark, ctx.work
+    started = time.perf_counter()
+    # The probes' true pairs were found by the assign stage's scan; here they meet the groups.
+    probe_pairs = tables.read_table(spark, work.probe_pairs)
+    sampled = ctx.results["assign"]["probe_rows"]
+    pairs = tables.read_table(spark, work.pairs) if ctx.all_pairs else None
+    result = estimate_recall(true_pairs(probe_pairs), sampled, tables.read_table(spark, work.duplicates), pairs)
+    return stage_result(ctx, result, probe_pairs, started)
+
+
+def stage_result(ctx: RunContext, result: dict, probe_pairs: DataFrame, started: float) -> dict:
+    """The stage's result: the estimate and its cost, this stage and the probe comparisons inside
+    assign spread over the cores."""
+    probe_seconds = probe_task_seconds(probe_pairs)
+    result["probe_task_seconds"] = round(probe_seconds, 3)
+    cores = ctx.spark.sparkContext.defaultParallelism
+    result["seconds"] = round(time.perf_counter() - started + probe_seconds / cores, 3)
+    return {"rows": result["sample_rows"], **result,
+            "note": f"closure recall {result['closure_recall']} (95% CI {result['closure_recall_ci95']})"}
+
+
+STAGE = Stage("estimate", _settings, _run)

@@ -11,14 +11,22 @@ unchanged and saves most rounds on the search's chain-like spanning forests.
 Lineage is cut by a local checkpoint
 every ``group.checkpoint_every`` rounds. The result maps every node to the
 smallest row_id of its component, which is the group_id.
+
+Stage ``group``: in, the edges table, the rows table (members' embeddings), the
+input's metadata (keep.expression, captions, the key column); out, ``duplicates/``
+(every member of a group with its group, keep flag, similarity to the kept row,
+caption similarity and key), ``pairs/`` and, for captions.policy merge, the merged
+captions. Result: groups, removed rows, the calibration table, the report's views.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,10 +35,11 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import minhash
+from dedup_spark import captions, minhash, read, report, search, session, tables
 from dedup_spark.config import CaptionsConfig, JobConfig
 from dedup_spark.kernels import components, exact_cosine
 from dedup_spark.read import CAPTION_SCHEMA, VALID_SCHEMA
+from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import BatchTransform, binary_matrix
 
 log = logging.getLogger(__name__)
@@ -337,3 +346,110 @@ def _merged(batch: pa.RecordBatch) -> pa.RecordBatch:
     captions = batch.column("caption").take(pa.array(caption_at, mask=caption_at < 0))
     base = batch.take(pa.array(lead))
     return base.set_column(base.schema.get_field_index("caption"), "caption", captions)
+
+
+def _settings(ctx: RunContext) -> dict:
+    config = ctx.config.to_dict()
+    return {"group": config["group"], "keep": config["keep"], "captions": config["captions"],
+            "pairs": ctx.config.output.pairs, "key": ctx.key_column}
+
+
+def _run(ctx: RunContext) -> dict:
+    spark, config, work = ctx.spark, ctx.config, ctx.work
+    forest_edges = ctx.results["search"]["forest_edges"]
+    # A partition of edges is at most what one local union-find may hold.
+    edges = tables.read_table(spark, work.edges, max_task_rows=config.group.local_edges)
+    step = report.StepLog("group")
+    members, cc_stats = connected_components(search.forest(edges).select("row_id_a", "row_id_b"), config,
+                                             forest_edges[0])
+    step.done("connected components")
+    metadata = read.read_metadata(spark, ctx.manifest, config) if config.keep.expression else None
+    kept = choose_kept(members, metadata, config)
+    written, merged_rows = _write_duplicates(ctx, members, kept, metadata, cc_stats["members"], step)
+    done = session.run_concurrently("group", _closing_queries(ctx, edges, merged_rows))
+    totals_row = done["totals"]
+    groups = int(totals_row["groups"])
+    # By embeddings alone, like the other thresholds' rows (keep_distinct may keep more).
+    calibration = [{"threshold": ctx.threshold, "pairs": ctx.results["search"]["pair_counts"][0], "groups": groups,
+                    "removed_rows": written - groups}, *done["calibration"]]
+    return {"rows": written, "groups": groups, "removed_rows": int(totals_row["removed"] or 0),
+            "cc_rounds": cc_stats["rounds"], "pairs_rows": done["pairs/"], "calibration": calibration,
+            "views": done["report views"], "captions": done["captions summary"],
+            "note": f"{groups} groups, {cc_stats['rounds']} rounds"}
+
+
+def _write_duplicates(ctx: RunContext, members: DataFrame, kept: DataFrame, metadata: DataFrame | None,
+                      member_count: int, step: report.StepLog) -> tuple[int, int | None]:
+    """``duplicates/`` (with the key column), and for captions.policy merge the merged captions:
+    the rows written and the merged lists' rows."""
+    spark, config, work, column = ctx.spark, ctx.config, ctx.work, ctx.caption_column
+    # Readers, not DataFrames: with few members, only the members' rows leave the reading tasks.
+    caption_reader = None if column is None else functools.partial(read.read_captions, spark, ctx.manifest, config,
+                                                                   column)
+    duplicates = duplicates_table(members, kept, functools.partial(read.valid_rows, spark, work.rows), ctx.dim,
+                                  caption_reader, config.captions, member_count)
+    if column is None or config.captions.policy == "ignore":
+        info = tables.write_table(read.with_keys(ctx, duplicates), work.duplicates)
+        step.done("duplicates/ with similarity to kept" + ("" if column is None else " and caption similarity"))
+        return info.rows, None
+    # Signatures are stored once: clustering and merging each read them.
+    tables.write_table(duplicates, work.duplicates_base)
+    step.done("duplicates with similarity to kept and caption similarity")
+    base = tables.read_table(spark, work.duplicates_base)
+    tables.write_table(captions.signed_members(base, caption_reader(), config), work.caption_signatures)
+    step.done("caption signatures")
+    annotated = captions.annotate(base, tables.read_table(spark, work.caption_signatures), metadata, config)
+    info = tables.write_table(read.with_keys(ctx, annotated.duplicates), work.duplicates)
+    merged_rows = None
+    if annotated.merged is not None:
+        merged_rows = tables.write_table(annotated.merged, work.merged_captions).rows
+    step.done(f"captions ({config.captions.policy})")
+    return info.rows, merged_rows
+
+
+def _closing_queries(ctx: RunContext, edges: DataFrame, merged_rows: int | None) -> dict[str, Callable[[], Any]]:
+    """Independent queries over the tables just written, run side by side: their Spark jobs' fixed
+    latencies overlap and each fills the cores the others' tails leave."""
+    spark, config, work = ctx.spark, ctx.config, ctx.work
+    forest_edges = ctx.results["search"]["forest_edges"]
+
+    def totals() -> Any:
+        return tables.read_table(spark, work.duplicates, ["group_id", "is_kept"]).agg(
+            F.countDistinct("group_id").alias("groups"),
+            F.sum(F.when(~F.col("is_kept"), 1).otherwise(0)).alias("removed")).first()
+
+    def pairs_written() -> int | None:
+        if ctx.all_pairs:
+            return tables.write_table(search.found_pairs(edges), work.pairs).rows
+        if config.output.pairs == "spanning":
+            # A spanning edge found by several tasks (soft assignment) is written once.
+            spanning = search.forest(edges).groupBy("row_id_a", "row_id_b").agg(F.max("similarity").alias("similarity"))
+            return tables.write_table(spanning, work.pairs).rows
+        return None
+
+    def calibration_levels() -> list[dict[str, Any]]:
+        levels = []
+        for level, extra in enumerate(ctx.thresholds[1:], start=1):
+            extra_members, _ = connected_components(search.forest(edges, level).select("row_id_a", "row_id_b"), config,
+                                                    forest_edges[level])
+            counted = extra_members.agg(F.count("*").alias("rows"), F.countDistinct("group_id").alias("groups")).first()
+            levels.append({"threshold": extra, "pairs": ctx.results["search"]["pair_counts"][level],
+                           "groups": int(counted["groups"]), "removed_rows": int(counted["rows"] - counted["groups"])})
+        return levels
+
+    def views() -> dict[str, Any]:
+        from dedup_spark.assign import bucket_sizes
+
+        return report.dataset_views(tables.read_table(spark, work.duplicates), ctx.column_names,
+                                    functools.partial(read.metadata_of, spark, ctx.manifest, config),
+                                    list(bucket_sizes(ctx).values()))
+
+    def caption_report() -> dict[str, Any] | None:
+        return None if ctx.caption_column is None else captions.summary(
+            tables.read_table(spark, work.duplicates), ctx.caption_column, merged_rows, config)
+
+    return {"totals": totals, "pairs/": pairs_written, "calibration": calibration_levels, "report views": views,
+            "captions summary": caption_report}
+
+
+STAGE = Stage("group", _settings, _run)

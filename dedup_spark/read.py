@@ -1,5 +1,10 @@
 """Read stage: shard manifest on the driver, embedding rows decoded in tasks.
 
+Stage ``read``: in, the input's shards (``Manifest``); out, the rows table
+(``Work.rows``), the training and recall-probe samples drawn in the same pass
+(``Work.sample``, ``Work.cell_sample``) and ``rejected/``; its result counts the
+valid and rejected rows by reason.
+
 The manifest is built from file headers (npy) and footers (parquet) only. Rows
 come out as ``row_id, shard_id, shard_row, embedding, reject_reason``: the
 embedding is the L2-normalised float16 vector as bytes, or null when the row is
@@ -11,6 +16,7 @@ global row index in sorted shard order.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -21,10 +27,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import faults, kernels, storage, tables
+from dedup_spark import faults, formats, kernels, storage, tables
 from dedup_spark.config import JobConfig
+from dedup_spark.errors import InputError
+from dedup_spark.report import AccountingError
+from dedup_spark.stage import RunContext, Stage
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +46,6 @@ ROWS_SCHEMA = T.StructType([
     T.StructField("reject_reason", T.StringType(), True),
 ])
 _CHUNK_SCHEMA = "shard_id int, start long, stop long"
-
-
-class InputError(ValueError):
-    """The input cannot be read as the requested format; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -105,83 +111,13 @@ def _visible(relative: str) -> bool:
 
 
 def detect_format(input_uri: str, files: list[str]) -> str:
-    relatives = [_relative(f, input_uri) for f in files]
-    if any(r.startswith("img_emb/") and r.endswith(".npy") for r in relatives):
-        return "laion"
-    if any(r.endswith(".parquet") for r in relatives):
-        return "parquet"
-    if any(r.endswith(".npy") for r in relatives):
-        return "npy"
-    raise InputError(f"no .npy or .parquet files under {input_uri}")
+    found = formats.detect([_relative(f, input_uri) for f in files])
+    if found is None:
+        raise InputError(f"no .npy or .parquet files under {input_uri}")
+    return found
 
 
-def _npy_header(uri: str) -> tuple[int, int, str, int]:
-    """rows, dim, dtype, data offset of a .npy file, from its header (and size) only."""
-    with storage.open_input(uri) as handle:
-        try:
-            version = np.lib.format.read_magic(handle)
-            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = reader(handle)
-        except (ValueError, EOFError, SyntaxError) as error:
-            raise InputError(f"{uri}: not a readable .npy file ({error})") from None
-        offset = handle.tell()
-        size = handle.size()
-    if fortran:
-        raise InputError(f"{uri}: Fortran-ordered arrays are not supported; save with np.ascontiguousarray")
-    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
-        raise InputError(f"{uri}: embeddings must be float16/32/64, found {dtype}")
-    if len(shape) != 2:
-        raise InputError(f"{uri}: expected a 2-D array (rows x dim), found shape {shape}")
-    expected = offset + shape[0] * shape[1] * dtype.itemsize
-    if size < expected:
-        raise InputError(f"{uri}: truncated: its header promises {shape[0]} x {shape[1]} {dtype} "
-                         f"({expected} bytes) but the file has {size}")
-    return int(shape[0]), int(shape[1]), dtype.newbyteorder("<").str if dtype.byteorder == ">" else dtype.str, offset
-
-
-def _parquet_footer(uri: str, embedding_column: str | None,
-                    binary_dtype: str) -> tuple[int, list[int], int | None, str, list[str]]:
-    """rows, row-group sizes, dim (None when unknown), value dtype and column names of a parquet file."""
-    with storage.open_input(uri) as handle:
-        try:
-            parquet = pq.ParquetFile(handle)
-        except (pa.ArrowInvalid, OSError) as error:
-            raise InputError(f"{uri}: not a readable parquet file ({error})") from None
-        metadata = parquet.metadata
-        groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        schema = parquet.schema_arrow
-        names = list(schema.names)
-        if embedding_column is None:
-            return metadata.num_rows, groups, None, "", names
-        if embedding_column not in schema.names:
-            raise InputError(f"{uri}: no embedding column {embedding_column!r}; columns are {schema.names}")
-        column_type = schema.field(embedding_column).type
-        if pa.types.is_fixed_size_list(column_type):
-            return (metadata.num_rows, groups, column_type.list_size, str(column_type.value_type.to_pandas_dtype()().dtype),
-                    names)
-        if pa.types.is_list(column_type) or pa.types.is_large_list(column_type):
-            value_type = column_type.value_type
-            if not pa.types.is_floating(value_type):
-                raise InputError(f"{uri}: {embedding_column} must hold floats, found {column_type}")
-            dim = None
-            if metadata.num_rows:
-                # The footer does not record list lengths: look at the first rows only.
-                first = parquet.read_row_group(0, columns=[embedding_column]).column(0).slice(0, 64)
-                lengths = [len(v) for v in first.to_pylist() if v is not None]
-                dim = Counter(lengths).most_common(1)[0][0] if lengths else None
-            return metadata.num_rows, groups, dim, np.dtype(value_type.to_pandas_dtype()).name, names
-        if pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type):
-            dim = None
-            if metadata.num_rows:
-                first = parquet.read_row_group(0, columns=[embedding_column]).column(0).slice(0, 64)
-                lengths = [len(v) for v in first.to_pylist() if v is not None]
-                itemsize = np.dtype(binary_dtype).itemsize
-                dim = Counter(lengths).most_common(1)[0][0] // itemsize if lengths else None
-            return metadata.num_rows, groups, dim, binary_dtype, names
-        raise InputError(f"{uri}: {embedding_column} has unsupported type {column_type}")
-
-
-def build_manifest(config: JobConfig) -> Manifest:
+def build_manifest(config: JobConfig, first_row_id: int = 0) -> Manifest:
     """Shards, rows, offsets and dims from headers and footers only, every shard validated.
 
     A bad shard (unreadable or truncated file, missing or mismatched metadata,
@@ -196,7 +132,6 @@ def build_manifest(config: JobConfig) -> Manifest:
     fmt = config.input.format if config.input.format != "auto" else detect_format(root, files)
     if fmt != "parquet" and config.input.id_column:
         raise InputError("input.id_column needs parquet input (laion and npy rows are identified by position)")
-    candidates: list[dict] = []
     skipped: list[dict] = []
 
     def bad_shard(uri: str, reason: str, rows: int | None) -> None:
@@ -205,54 +140,16 @@ def build_manifest(config: JobConfig) -> Manifest:
         log.warning("skipping bad shard %s: %s", uri, reason)
         skipped.append({"file": _relative(uri, root), "reason": reason, "rows": rows})
 
-    if fmt == "laion":
-        embeddings = sorted((f for f in files if re.search(r"(^|/)img_emb/img_emb_[^/]*\.npy$", f)), key=_natural_key)
-        if not embeddings:
-            raise InputError(f"{root}: laion format needs img_emb/img_emb_N.npy files")
-        present = set(files)
-        for uri in embeddings:
-            suffix = re.search(r"img_emb_([^/]*)\.npy$", uri).group(1)
-            meta_uri = storage.join(root, "metadata", f"metadata_{suffix}.parquet")
-            rows = None
-            try:
-                if meta_uri not in present:
-                    raise InputError(f"{uri}: no matching metadata file metadata/metadata_{suffix}.parquet")
-                rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
-                meta_rows, groups, _, _, columns = storage.retrying(_parquet_footer, meta_uri, None,
-                                                                    config.input.binary_dtype, uri=meta_uri)
-                if meta_rows != rows:
-                    raise InputError(f"{uri} has {rows} rows but its metadata {meta_uri} has {meta_rows}")
-            except InputError as error:
-                bad_shard(uri, str(error), rows)
-                continue
-            candidates.append({"kind": "npy", "embedding_uri": uri, "metadata_uri": meta_uri,
-                               "relative": [_relative(uri, root), _relative(meta_uri, root)], "rows": rows, "dim": dim,
-                               "dtype": dtype, "data_offset": data_offset, "row_groups": groups, "columns": columns})
-    elif fmt in ("npy", "parquet"):
-        for uri in sorted((f for f in files if f.endswith(f".{fmt}")), key=_natural_key):
-            try:
-                if fmt == "npy":
-                    rows, dim, dtype, data_offset = storage.retrying(_npy_header, uri, uri=uri)
-                    groups, columns = [], None
-                else:
-                    rows, groups, dim, dtype, columns = storage.retrying(
-                        _parquet_footer, uri, config.input.embedding_column, config.input.binary_dtype, uri=uri)
-                    data_offset = 0
-            except InputError as error:
-                bad_shard(uri, str(error), None)
-                continue
-            candidates.append({"kind": fmt, "embedding_uri": uri, "metadata_uri": uri if fmt == "parquet" else None,
-                               "relative": [_relative(uri, root)], "rows": rows, "dim": dim, "dtype": dtype,
-                               "data_offset": data_offset, "row_groups": groups, "columns": columns})
-    else:
+    if fmt not in formats.FORMATS:
         raise InputError(f"unknown input format {fmt}")
+    candidates = formats.FORMATS[fmt].find_shards(root, files, config, bad_shard, _relative, _natural_key)
     dims = Counter()
     for candidate in candidates:
         if candidate["dim"] is not None:
             dims[candidate["dim"]] += candidate["rows"]
     dim = config.input.dim or (dims.most_common(1)[0][0] if dims else None)
     shards: list[Shard] = []
-    offset = 0
+    offset = first_row_id  # without an id column a row's id is its position after this
     reference: list[str] | None = None
     for candidate in candidates:
         if candidate["dim"] is not None and candidate["dim"] != dim:
@@ -297,62 +194,11 @@ def read_chunks(manifest: Manifest, chunk_rows: int) -> list[tuple[int, int, int
     chunks = []
     for shard in manifest.shards:
         if shard.kind == "npy":
-            chunks += [(shard.shard_id, s, min(s + chunk_rows, shard.rows)) for s in range(0, shard.rows, chunk_rows)]
-            continue
-        start = stop = 0
-        for size in shard.row_groups:
-            stop += size
-            if stop - start >= chunk_rows:
-                chunks.append((shard.shard_id, start, stop))
-                start = stop
-        if stop > start:
-            chunks.append((shard.shard_id, start, stop))
+            ranges = [(s, min(s + chunk_rows, shard.rows)) for s in range(0, shard.rows, chunk_rows)]
+        else:
+            ranges = formats.parquet.chunks(shard, chunk_rows)
+        chunks += [(shard.shard_id, start, stop) for start, stop in ranges]
     return chunks
-
-
-def _list_matrix(column: pa.Array, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """Matrix (rows x dim, float) and per-row reason for a list/fixed-size/binary column."""
-    n = len(column)
-    reasons = np.full(n, None, dtype=object)
-    null = column.is_null().to_numpy(zero_copy_only=False)
-    reasons[null] = kernels.REJECT_NULL_EMBEDDING
-    if pa.types.is_fixed_size_list(column.type):
-        size = column.type.list_size
-        values = column.values.slice(column.offset * size, n * size)
-        flat = values.to_numpy(zero_copy_only=False)
-        if size != dim:
-            reasons[~null] = kernels.REJECT_WRONG_DIM
-            return np.zeros((n, dim), np.float32), reasons
-        return flat.reshape(n, dim), reasons
-    offsets = column.offsets.to_numpy()
-    lengths = np.diff(offsets)
-    wrong = ~null & (lengths != dim)
-    reasons[wrong] = kernels.REJECT_WRONG_DIM
-    good = ~null & ~wrong
-    flat = column.values.to_numpy(zero_copy_only=False)
-    matrix = np.zeros((n, dim), dtype=flat.dtype)
-    if good.any():
-        index = offsets[:-1][good][:, None] + np.arange(dim)
-        matrix[good] = flat[index]
-    return matrix, reasons
-
-
-def _binary_values(column: pa.Array, dim: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    n = len(column)
-    reasons = np.full(n, None, dtype=object)
-    null = column.is_null().to_numpy(zero_copy_only=False)
-    reasons[null] = kernels.REJECT_NULL_EMBEDDING
-    width = dim * np.dtype(dtype).itemsize
-    lengths = pc.binary_length(column).to_numpy(zero_copy_only=False)
-    wrong = ~null & (np.nan_to_num(lengths, nan=-1) != width)
-    reasons[wrong] = kernels.REJECT_WRONG_DIM
-    matrix = np.zeros((n, dim), dtype=dtype)
-    good = np.flatnonzero(~null & ~wrong)
-    if good.size:
-        # Each good row's bytes start at its offset: one gather, not a Python call per row.
-        offsets, data = tables.binary_buffers(column)
-        matrix[good] = data[offsets[good][:, None] + np.arange(width)].view(dtype)
-    return matrix, reasons
 
 
 def _ids(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
@@ -390,35 +236,16 @@ def _rows_batch(shard: Shard, start: int, matrix: np.ndarray, reasons: np.ndarra
 def read_chunk(manifest: Manifest, config: JobConfig, shard_id: int, start: int, stop: int) -> Iterator[pa.RecordBatch]:
     """Decode one chunk of one shard into rows batches (runs in a Spark task)."""
     shard = manifest.shards[shard_id]
-    dim = manifest.dim
     if shard.kind == "npy":
-        itemsize = np.dtype(shard.dtype).itemsize
-        step = max(1, (64 << 20) // (dim * itemsize))  # decode at most ~64 MB at a time
-        with storage.open_input(shard.embedding_uri) as handle:
-            for block in range(start, stop, step):
-                block_stop = min(block + step, stop)
-                raw = handle.read_at((block_stop - block) * dim * itemsize, shard.data_offset + block * dim * itemsize)
-                matrix = np.frombuffer(raw, dtype=shard.dtype).reshape(block_stop - block, dim)
-                yield _rows_batch(shard, block, matrix, np.full(block_stop - block, None, dtype=object), None, None)
+        for first, matrix in formats.npy.decode(shard, manifest.dim, start, stop):
+            yield _rows_batch(shard, first, matrix, np.full(len(matrix), None, dtype=object), None, None)
         return
     id_column = config.input.id_column
-    columns = [config.input.embedding_column] + ([id_column] if id_column else [])
-    bounds = np.cumsum([0] + shard.row_groups)
-    groups = [g for g in range(len(shard.row_groups)) if bounds[g] >= start and bounds[g + 1] <= stop]
-    with storage.open_input(shard.embedding_uri) as handle:
-        parquet = pq.ParquetFile(handle)
-        missing = [c for c in columns if c not in parquet.schema_arrow.names]
-        if missing:
-            raise InputError(f"{shard.embedding_uri}: missing column(s) {missing}")
-        for group in groups:
-            table = parquet.read_row_group(group, columns=columns)
-            column = table.column(config.input.embedding_column).combine_chunks()
-            if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-                matrix, reasons = _binary_values(column, dim, config.input.binary_dtype)
-            else:
-                matrix, reasons = _list_matrix(column, dim)
-            ids, null_ids = _ids(table.column(id_column).combine_chunks()) if id_column else (None, None)
-            yield _rows_batch(shard, int(bounds[group]), matrix, reasons, ids, null_ids)
+    for first, matrix, reasons, ids in formats.parquet.decode(shard, manifest.dim, start, stop,
+                                                              config.input.embedding_column,
+                                                              config.input.binary_dtype, id_column):
+        row_ids, null_ids = _ids(ids) if id_column else (None, None)
+        yield _rows_batch(shard, first, matrix, reasons, row_ids, null_ids)
 
 
 def read_rows(spark: SparkSession, manifest: Manifest, config: JobConfig) -> DataFrame:
@@ -718,3 +545,74 @@ def read_captions(spark: SparkSession, manifest: Manifest, config: JobConfig, co
         return captions if transform is None else transform(captions)
 
     return read_metadata(spark, manifest, config, [column], as_captions, CAPTION_SCHEMA if schema is None else schema)
+
+
+def with_keys(ctx: RunContext, frame: DataFrame) -> DataFrame:
+    """``frame`` (with row_id) plus the input's key column (``RunContext.key_column``) under its own
+    name, so a result can be joined back to any copy of the data; null where a row has none."""
+    name = ctx.key_column
+    if name is None or name in frame.columns:
+        return frame
+    if name == ctx.config.input.id_column:  # the id is the row_id
+        return frame.withColumn(name, F.col("row_id"))
+    keys = read_metadata(ctx.spark, ctx.manifest, ctx.config, [name])
+    return frame.join(keys.select("row_id", name), "row_id", "left")
+
+
+def _settings(ctx: RunContext) -> dict:
+    return {"manifest": ctx.manifest.to_dict(), "input": ctx.config.to_dict()["input"]}
+
+
+def _samples(ctx: RunContext) -> list[StoredSample]:
+    """What the read tasks draw while they write the rows: the training sample and the recall
+    probes, at fractions enough for any accepted count the job goes on with (at least
+    1 - max_rejected_fraction of the rows), and two-level k-means's larger draw for its cells."""
+    from dedup_spark import bucket, estimate
+
+    config, rows = ctx.config, ctx.manifest.rows
+    least_valid = max(1, math.floor((1.0 - config.input.max_rejected_fraction) * rows))
+    draws = ((bucket.training_fraction(rows, config, least_valid), config.bucketing.seed),
+             (estimate.probe_fraction(config.estimate.sample_rows, least_valid), config.bucketing.seed + 1))
+    samples = [StoredSample(ctx.work.sample, draws)]
+    cell_draw = bucket.cell_fraction(rows, config, least_valid)
+    if cell_draw > 0:
+        samples.append(StoredSample(ctx.work.cell_sample, ((cell_draw, config.bucketing.seed + 3),)))
+    return samples
+
+
+def _run(ctx: RunContext) -> dict:
+    spark, manifest, config, work = ctx.spark, ctx.manifest, ctx.config, ctx.work
+    samples = _samples(ctx)
+    info = write_rows(spark, manifest, config, work.rows, samples)
+    if info.rows != manifest.rows:
+        raise AccountingError(f"read {info.rows} rows but the manifest lists {manifest.rows}")
+    rejected_cols = tables.read_table(spark, work.rows, ["row_id", "shard_id", "shard_row", "reject_reason"])
+    shard_names = spark.createDataFrame([(s.shard_id, s.relative[0]) for s in manifest.shards],
+                                        "shard_id int, shard string")
+    rejected = (rejected_cols.where(F.col("reject_reason").isNotNull()).join(F.broadcast(shard_names), "shard_id")
+                .select("row_id", "shard_id", "shard", "shard_row", "reject_reason"))
+    tables.write_table(with_keys(ctx, rejected), work.rejected)
+    # Counted from the rejected table just written: it holds only the rejected rows.
+    by_reason = tables.read_table(spark, work.rejected, ["reject_reason"]).groupBy("reject_reason").count()
+    reasons = {r["reject_reason"]: r["count"] for r in by_reason.collect()}
+    if config.input.id_column:
+        ids = tables.read_table(spark, work.rows, ["row_id"]).where(F.col("row_id").isNotNull())
+        clash = ids.groupBy("row_id").count().where(F.col("count") > 1).limit(5).collect()
+        if clash:
+            raise InputError(f"id column {config.input.id_column!r} is not unique, e.g. {[r['row_id'] for r in clash]}")
+    rejected_rows = sum(reasons.values())
+    # Ids of a later run against this one's output (--reference) continue after the largest.
+    row_id_max = tables.read_table(spark, work.rows, ["row_id"]).agg(F.max("row_id")).first()[0]
+    limit = config.input.max_rejected_fraction
+    if rejected_rows > limit * manifest.rows:
+        raise InputError(f"{rejected_rows} of {manifest.rows} input rows were rejected "
+                         f"({rejected_rows / manifest.rows:.1%} > input.max_rejected_fraction {limit:g}): "
+                         f"{reasons}; see {work.rejected}")
+    return {"rows": info.rows, "valid_rows": info.rows - rejected_rows, "rejected_rows": rejected_rows,
+            "row_id_max": None if row_id_max is None else int(row_id_max), "reasons": reasons,
+            "sample": samples[0].to_dict(),
+            "cell_sample": samples[1].to_dict() if len(samples) > 1 else None,
+            "note": f"{len(manifest.shards)} shards, {manifest.format}, d={manifest.dim}, {rejected_rows} rejected"}
+
+
+STAGE = Stage("read", _settings, _run)

@@ -1,17 +1,22 @@
-"""Report stage: the run's counts, bucket statistics, timings and the
-accounting check (input rows = kept + removed + rejected), as report.json."""
+"""Report: the run's counts, bucket statistics, timings and the accounting check
+(input rows = kept + removed + rejected), assembled from what the stages returned,
+as report.json and its page report.html."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dedup_spark.config import CAPTION_COLUMNS
+
+if TYPE_CHECKING:
+    from dedup_spark.stage import RunContext
 
 log = logging.getLogger("dedup_spark")
 
@@ -127,3 +132,69 @@ class StepLog:
         now = time.perf_counter()
         log.info("%s: %s in %.1f s", self.stage, step, now - self.last)
         self.last = now
+
+
+def assemble(ctx: RunContext, reused: list[str], seconds: dict[str, float], kernels_used: dict[str, Any]) -> dict:
+    """report.json's content from the stages' results; raises AccountingError when the rows do not add up."""
+    from dedup_spark import bucket, kernels, search
+    from dedup_spark.assign import bucket_sizes
+
+    results, config, manifest = ctx.results, ctx.config, ctx.manifest
+    read, assign, searched, grouped = results["read"], results["assign"], results["search"], results["group"]
+    estimated, model, valid = results["estimate"], ctx.model, ctx.valid_rows
+    removed = grouped["removed_rows"]
+    report: dict[str, Any] = {
+        "input": {"uri": manifest.input_uri, "format": manifest.format, "dim": ctx.dim, "shards": len(manifest.shards)},
+        "output": {"uri": config.output.uri, "pairs": config.output.pairs},
+        "threshold": ctx.threshold,
+        "accounting": accounting(manifest.rows + manifest.skipped_rows, valid - removed, removed,
+                                 read["rejected_rows"], results["write"]["rows"], manifest.skipped_rows),
+        "skipped_shards": manifest.skipped,
+        "rejected_by_reason": read["reasons"],
+        "bucketing": {"method": model.method, "k": model.buckets_per_round, "m": model.m, "rounds": model.rounds,
+                      "margin": model.margin, "buckets_per_row": round(assign["rows"] / valid, 4) if valid else 0.0,
+                      "train_rows": model.train_rows, "training": model.training,
+                      "cell_train_rows": model.cell_train_rows, "merged_centroids": model.merged_centroids,
+                      "assign": model.assign,
+                      # Also logged at train: set when max_train_rows starved the k-means sample.
+                      "training_warning": bucket.starved_training(valid, config),
+                      "k_source": "config" if config.bucketing.k else "cost model",
+                      "assigned_rows": assign["rows"], "bucket_sizes": size_stats(list(bucket_sizes(ctx).values())),
+                      "max_task_rows": searched["max_task_rows"], "search_tasks": searched["tasks"],
+                      "split_buckets": searched["split_buckets"], "packed_buckets": searched.get("packed_buckets"),
+                      "largest_task_rows": searched["largest_task_rows"]},
+        "search": {"pairs_found": searched["pair_counts"][0], "edges_emitted": searched["rows"],
+                   "pairs_written": grouped["pairs_rows"], "comparisons": searched["comparisons"],
+                   # Summed over tasks; the rest of the stage is the shuffle that brings the rows.
+                   "kernel_task_seconds": searched.get("kernel_task_seconds"),
+                   # Rows the shuffle to search carried: each row once per task it feeds (assigned_rows
+                   # counts it once per bucket; a pack of buckets takes it once).
+                   "routed_rows": searched.get("routed_rows")},
+        "calibration": grouped["calibration"],
+        "similarity_histogram": {"edges": [round(float(e), 6) for e in
+                                           kernels.histogram_edges(ctx.threshold, search.HISTOGRAM_BINS)],
+                                 "counts": searched["histogram"]},
+        "groups": {"count": grouped["groups"], "rows_in_groups": grouped["rows"], "cc_rounds": grouped["cc_rounds"]},
+        "captions": grouped["captions"],
+        "recall_estimate": {key: value for key, value in estimated.items() if key not in ("rows", "note")},
+        "index": {key: value for key, value in results.get("index", {}).items() if key != "note"},
+        "stages_reused": reused,
+        "blas": kernels_used,
+        "timings_seconds": dict(seconds),
+    }
+    if ctx.reference is not None:
+        from dedup_spark.incremental import reference_report
+
+        report["reference"] = reference_report(ctx)
+    if "seconds" in estimated and seconds.get("total"):
+        report["recall_estimate"]["fraction_of_run"] = round(estimated["seconds"] / seconds["total"], 4)
+    report.update(grouped["views"])
+    return report
+
+
+def write_report(report: dict, json_uri: str, html_uri: str) -> None:
+    """report.json, and report.html rendered from the JSON as written, so the page shows exactly its numbers."""
+    from dedup_spark import html, storage
+
+    storage.write_json(json_uri, report)
+    storage.write_bytes(html_uri, html.render(json.loads(json.dumps(report))).encode())

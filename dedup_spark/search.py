@@ -1,5 +1,10 @@
 """Search stage: exact cosine search inside each search task, in Spark tasks.
 
+Stage ``search``: in, the rows table and the assign table read side by side, routed by the
+search plan (``bucket.plan_search``) to tasks; out, the edges table (``Work.edges``). Result:
+tasks, pairs per threshold, the similarity histogram, spanning edges, kernel time and the rows
+the shuffle carried.
+
 Each task holds one bucket, a pack of buckets that share rows (each searched
 over its own rows; a shared row arrives once), or one pair of blocks of a
 split bucket, and compares every row of a bucket with every other by float32
@@ -25,6 +30,7 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -35,8 +41,10 @@ from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import faults, kernels
+from dedup_spark import bucket, faults, kernels, storage, tables
 from dedup_spark.bucket import joined_buckets
+from dedup_spark.read import map_valid_rows_beside
+from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import BatchTransform, binary_matrix, stream_groups
 
 EDGES_SCHEMA = T.StructType([
@@ -212,3 +220,62 @@ def scan_probes(rows: DataFrame, probe_ids: np.ndarray, probes: np.ndarray, dim:
     """``probe_scanner`` over a DataFrame of (row_id, embedding) rows, in one scan."""
     return rows.select("row_id", "embedding").mapInArrow(probe_scanner(probe_ids, probes, dim, threshold),
                                                          PROBE_PAIRS_SCHEMA)
+
+
+class _Plan(NamedTuple):
+    """The search's sizing, from the bucket counts and the executors' memory."""
+
+    cap: int  # most rows one task holds
+    task_memory: int
+    partitions: int
+    pack_rows: int
+    pack_tasks: int
+    shared_rows: np.ndarray | None  # rows each pair of buckets shares (assign stage)
+
+
+def _sizing(ctx: RunContext) -> _Plan:
+    spark = ctx.spark
+    task_memory = bucket.task_memory_bytes(spark)
+    cap = bucket.max_task_rows(task_memory, ctx.dim, ctx.config)
+    # Partitions of about 20,000 routed rows (at least 4 a core). Packs of buckets up to
+    # max_task_rows, each at most an eighth of a core's share of the search.
+    cores = spark.sparkContext.defaultParallelism
+    partitions = max(1, max(cores * 4, math.ceil(ctx.results["assign"]["rows"] / 20000)))
+    pack_rows = ctx.config.search.pack_rows if ctx.config.search.pack_rows is not None else cap
+    shared = storage.read_npy(ctx.work.bucket_pairs) if storage.exists(ctx.work.bucket_pairs) else None
+    return _Plan(cap, task_memory, partitions, pack_rows, cores * 8, shared)
+
+
+def _settings(ctx: RunContext) -> dict:
+    sizing = _sizing(ctx)
+    return {"thresholds": ctx.thresholds, "cap": sizing.cap, "task_memory": sizing.task_memory,
+            "all_pairs": ctx.all_pairs, "pack_rows": sizing.pack_rows if sizing.shared_rows is not None else 0,
+            "pack_tasks": sizing.pack_tasks, "query_block_rows": ctx.config.search.query_block_rows,
+            "seed": ctx.config.bucketing.seed}
+
+
+def _run(ctx: RunContext) -> dict:
+    from dedup_spark.assign import bucket_sizes
+
+    model, sizing, config = ctx.model, _sizing(ctx), ctx.config
+    plan = bucket.plan_search(bucket_sizes(ctx), sizing.cap, sizing.shared_rows, sizing.pack_rows, sizing.pack_tasks,
+                              bucket.pair_width(model) <= 2)
+    routed = map_valid_rows_beside(ctx.spark, ctx.work.rows, ctx.work.assigned,
+                                   bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
+    edges = search(routed, ctx.dim, ctx.thresholds, config.search.query_block_rows, ctx.all_pairs,
+                   min(plan.tasks, sizing.partitions), sizing.task_memory // 2, model.width, plan.task_buckets,
+                   faults.active().task_fraction)
+    info = tables.write_table(edges, ctx.work.edges)
+    stats = search_stats(tables.read_table(ctx.spark, ctx.work.edges), len(ctx.thresholds))
+    return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
+            "routed_rows": stats.task_rows,
+            "packed_buckets": sum(len(b) for b in plan.task_buckets.values() if len(b) > 1),
+            "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows, "max_task_rows": sizing.cap,
+            "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
+            "kernel_task_seconds": round(stats.kernel_seconds, 3),
+            "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
+                    f"{stats.task_rows} rows shuffled for {ctx.results['assign']['rows']} bucket joins, "
+                    f"cap {sizing.cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
+
+
+STAGE = Stage("search", _settings, _run)

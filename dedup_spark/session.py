@@ -28,11 +28,14 @@ def launched_by_spark_submit() -> bool:
 
 
 def get_session(config: JobConfig, executor_env: dict[str, str] | None = None) -> SparkSession:
-    """The active session, or a new one configured from ``config.spark``.
+    """The active session, as it is, or a new one configured from ``config.spark``.
 
     ``executor_env``: variables remote executors need too (the S3 endpoint and
     region; never credentials, which executors take from their own chain).
     """
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
     # Python workers must run the interpreter that has our dependencies.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName("dedup-spark")

@@ -414,3 +414,11 @@ def stream_groups(
     spread = df.repartitionById(partitions, F.col(key)) if by_id else df.repartition(partitions, F.col(key))
     arranged = spread.sortWithinPartitions(key, *order)
     return arranged.mapInArrow(run, schema)
+
+
+def commit_files(uri: str, parts: list[str], rows: int, schema: T.StructType) -> TableInfo:
+    """Make parquet files written some other way under ``uri`` (``parts``, relative names) readable
+    as a table, with ``schema``: the write stage's rewritten shards of a staged DataFrame."""
+    storage.write_json(storage.join(uri, TABLE_MANIFEST),
+                       {"rows": rows, "parts": sorted(parts), "part_bytes": None, "schema": schema.json()})
+    return table_info(uri)

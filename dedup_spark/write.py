@@ -3,61 +3,38 @@
 Each task rewrites one input shard, streaming it in bounded chunks and leaving
 out the rows listed for removal (duplicates that are not kept, and rejected
 rows). Shard names, columns, dtypes and row order are preserved.
+
+Stage ``write``: in, ``duplicates/`` (which rows are removed), ``rejected/``, the rows table's
+positions and the input shards; out, ``dedup/``. Result: the rows written, counted from the
+written files' headers and footers, not from what the tasks reported.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from dedup_spark import faults, storage
+from dedup_spark import faults, formats, storage, tables
+from dedup_spark.errors import InputError
 from dedup_spark.read import Manifest, Shard
+from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import stream_groups
+
+log = logging.getLogger("dedup_spark")
 
 SHARD_SUMMARY_SCHEMA = T.StructType([
     T.StructField("shard_id", T.IntegerType(), False),
     T.StructField("rows_in", T.LongType(), False),
     T.StructField("rows_written", T.LongType(), False),
 ])
-_COPY_ROWS = 65536
 # Added by captions.policy merge: the kept row's distinct captions (null for rows without copies).
-CAPTIONS_COLUMN = "captions"
-
-
-def _write_npy(shard: Shard, keep: np.ndarray, target: str) -> None:
-    dtype = np.dtype(shard.dtype)
-    width = shard.dim * dtype.itemsize
-    with storage.open_input(shard.embedding_uri) as source, storage.open_output(target) as sink:
-        np.lib.format.write_array_header_1_0(
-            sink, {"descr": dtype.str, "fortran_order": False, "shape": (int(keep.sum()), shard.dim)})
-        for start in range(0, shard.rows, _COPY_ROWS):
-            stop = min(start + _COPY_ROWS, shard.rows)
-            raw = source.read_at((stop - start) * width, shard.data_offset + start * width)
-            block = np.frombuffer(raw, dtype=dtype).reshape(stop - start, shard.dim)
-            sink.write(np.ascontiguousarray(block[keep[start:stop]]).tobytes())
-
-
-def _write_parquet(source_uri: str, keep: np.ndarray, target: str, captions: pa.Array | None = None) -> None:
-    """Copy the kept rows, row group by row group; ``captions`` (one list per input row) is appended."""
-    with storage.open_input(source_uri) as source, storage.open_output(target) as sink:
-        parquet = pq.ParquetFile(source)
-        schema = parquet.schema_arrow if captions is None else parquet.schema_arrow.append(
-            pa.field(CAPTIONS_COLUMN, captions.type))
-        with pq.ParquetWriter(sink, schema) as writer:
-            start = 0
-            for group in range(parquet.num_row_groups):
-                table = parquet.read_row_group(group)
-                stop = start + table.num_rows
-                if captions is not None:
-                    table = table.append_column(CAPTIONS_COLUMN, captions.slice(start, stop - start))
-                writer.write_table(table.filter(pa.array(keep[start:stop])))
-                start = stop
+CAPTIONS_COLUMN = formats.parquet.CAPTIONS_COLUMN
 
 
 def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_uri: str | None = None,
@@ -72,10 +49,12 @@ def rewrite_shard(shard: Shard, drop_rows: np.ndarray, dedup_uri: str, scratch_u
     """
     keep = np.ones(shard.rows, dtype=bool)
     keep[drop_rows] = False
-    outputs = [(shard.relative[0], lambda target: (_write_npy(shard, keep, target) if shard.kind == "npy"
-                                                   else _write_parquet(shard.embedding_uri, keep, target, captions)))]
+    outputs = [(shard.relative[0], lambda target: (formats.npy.rewrite(shard, keep, target) if shard.kind == "npy"
+                                                   else formats.parquet.rewrite(shard.embedding_uri, keep, target,
+                                                                                captions)))]
     if shard.kind == "npy" and shard.metadata_uri is not None:
-        outputs.append((shard.relative[1], lambda target: _write_parquet(shard.metadata_uri, keep, target, captions)))
+        outputs.append((shard.relative[1],
+                        lambda target: formats.parquet.rewrite(shard.metadata_uri, keep, target, captions)))
     for relative, write_file in outputs:
         final = storage.join(dedup_uri, relative)
         if scratch_uri is None:
@@ -142,18 +121,37 @@ def write_dedup(spark: SparkSession, manifest: Manifest, drops: DataFrame, dedup
 def count_written(manifest: Manifest, dedup_uri: str) -> int:
     """Rows in the written dedup/ files, from their headers and footers: measured
     independently of what the write tasks reported, for the accounting check."""
-    from dedup_spark.read import InputError, _npy_header, _parquet_footer
-
     total = 0
     for shard in manifest.shards:
-        counts = []
-        for index, relative in enumerate(shard.relative):
-            uri = storage.join(dedup_uri, relative)
-            is_npy = shard.kind == "npy" and index == 0
-            header = storage.retrying(_npy_header, uri, uri=uri) if is_npy else storage.retrying(
-                _parquet_footer, uri, None, "float16", uri=uri)
-            counts.append(header[0])
+        kinds = [shard.kind] + (["parquet"] if len(shard.relative) > 1 else [])
+        counts = [formats.KINDS[kind].rows_in(storage.join(dedup_uri, relative))
+                  for kind, relative in zip(kinds, shard.relative)]
         if len(set(counts)) != 1:
             raise InputError(f"dedup/ files of shard {shard.relative} disagree on their row count: {counts}")
         total += counts[0]
     return total
+
+
+def _run(ctx: RunContext) -> dict:
+    spark, work = ctx.spark, ctx.work
+    duplicates = tables.read_table(spark, work.duplicates, ["row_id", "is_kept"])
+    # Only the position columns are read: the rows table's embeddings are most of its bytes, and
+    # a projection cannot reach into the Python tasks that read it.
+    positions = tables.read_table(spark, work.rows, ["row_id", "shard_id", "shard_row"])
+    removed = duplicates.where(~F.col("is_kept")).select("row_id").join(positions, "row_id")
+    drops = removed.select("shard_id", "shard_row").unionByName(
+        tables.read_table(spark, work.rejected, ["shard_id", "shard_row"]))
+    merged = None
+    if (ctx.results["group"]["captions"] or {}).get("merged_rows") is not None:
+        merged = tables.read_table(spark, work.merged_captions).join(positions, "row_id")
+    injected = faults.active()
+    summaries = write_dedup(spark, ctx.manifest, drops, work.dedup, work.scratch, injected.task_fraction,
+                            injected.drop_rows, merged)
+    reported = sum(s["rows_written"] for s in summaries)
+    written = count_written(ctx.manifest, work.dedup)
+    if written != reported:
+        log.error("write tasks reported %d rows but dedup/ holds %d", reported, written)
+    return {"rows": written, "shards": len(summaries), "note": f"{len(summaries)} shards"}
+
+
+STAGE = Stage("write", lambda ctx: {}, _run)

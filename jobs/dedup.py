@@ -1,8 +1,8 @@
 """spark-submit entry point: find and remove near-duplicate embeddings.
 
-    spark-submit jobs/dedup.py --input URI --output URI [--format laion|parquet|npy]
+    spark-submit jobs/dedup.py (--input URI | --table DB.NAME) --output URI [--format laion|parquet|npy]
         [--threshold 0.95] [--thresholds 0.96,0.98] [--config conf/FILE.yaml] [--set key=value ...] [--overwrite]
-        [--take-over]
+        [--take-over] [--reference PREVIOUS_OUTPUT]
 
 Also runs as plain ``python jobs/dedup.py ...`` in Spark local mode.
 """
@@ -23,6 +23,9 @@ from dedup_spark import config as config_module  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="dedup.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", help="input URI (input.uri)")
+    parser.add_argument("--table", help="a catalog table, db.name, instead of --input (input.table)")
+    parser.add_argument("--reference", help="an earlier run's output: deduplicate the new input against its corpus "
+                        "(input.reference)")
     parser.add_argument("--output", help="output URI (output.uri)")
     parser.add_argument("--format", choices=config_module.FORMATS, help="input.format")
     parser.add_argument("--threshold", type=float, help="search.threshold")
@@ -38,7 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace) -> config_module.JobConfig:
-    flags = {"input.uri": args.input, "output.uri": args.output, "input.format": args.format,
+    flags = {"input.uri": args.input, "input.table": args.table, "input.reference": args.reference,
+             "output.uri": args.output, "input.format": args.format,
              "search.threshold": args.threshold,
              "search.thresholds": args.thresholds, "output.overwrite": True if args.overwrite else None,
              "run.take_over": True if args.take_over else None}

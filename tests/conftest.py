@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,8 @@ def spark():
                .config("spark.sql.shuffle.partitions", "8")
                .config("spark.ui.enabled", "false")
                .config("spark.ui.showConsoleProgress", "false")
+               # The session's own catalog keeps the tables tests create out of the repository.
+               .config("spark.sql.warehouse.dir", tempfile.mkdtemp(prefix="dedup-spark-warehouse-"))
                .getOrCreate())
     session.sparkContext.setLogLevel("ERROR")
     yield session

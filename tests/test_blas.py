@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dedup_spark import blas
-from dedup_spark.pipeline import blas_report
+from dedup_spark.blas import report as blas_report
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -243,8 +243,9 @@ def test_injected_task_failures_leave_the_outputs_identical(spark, tmp_path):
     for name, value in first["dedup"].items():
         assert np.array_equal(value, second["dedup"][name]) if isinstance(value, np.ndarray) else value == second["dedup"][name]
     assert report["accounting"]["balanced"]
-    def published(out: Path) -> list[str]:  # part files are named by run and attempt: compare the rest
-        return sorted(re.sub(r"part-\d+-\w+-\d+", "part", name) for name in json.loads((out / "_SUCCESS").read_text())["files"])
+    def published(out: Path) -> list[str]:  # parts and index segments are named by run: compare the rest
+        return sorted(re.sub(r"segment-\w+", "segment", re.sub(r"part-\d+-\w+-\d+", "part", name))
+                      for name in json.loads((out / "_SUCCESS").read_text())["files"])
 
     assert sorted(set(published(faulty))) == sorted(set(published(clean)))
 

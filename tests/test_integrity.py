@@ -32,13 +32,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "jobs"))
 import dedup as cli  # noqa: E402
 
-ENTRIES = ("dedup", "duplicates", "pairs", "rejected", "model", "report.json", "report.html")
+from dedup_spark.pipeline import ENTRIES  # noqa: E402
 
 
 def fingerprint(root: Path) -> dict[str, str]:
     """Every file under root with its content hash: an input must come out of every run as it went in."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_cli(capsys, *args: str) -> int:
+    """jobs/dedup.py in process, with what earlier tests left on the captured stderr cleared."""
+    capsys.readouterr()
+    return cli.main(list(args))
 
 
 def one_line_error(capsys, code: int, expected_code: int = 2) -> str:
@@ -78,7 +84,7 @@ def test_a_symlinked_output_that_holds_the_input_is_refused_and_the_input_surviv
     shutil.copytree(root, parent / "in")
     (tmp_path / "parlink").symlink_to(parent)
     before = fingerprint(parent)
-    code = cli.main(["--input", str(parent / "in"), "--output", str(tmp_path / "parlink"), "--overwrite"])
+    code = run_cli(capsys, *["--input", str(parent / "in"), "--output", str(tmp_path / "parlink"), "--overwrite"])
     assert "is inside the output" in one_line_error(capsys, code)
     assert fingerprint(parent) == before
 
@@ -129,7 +135,7 @@ def test_a_second_run_on_a_claimed_output_refuses_in_one_line_and_the_first_publ
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.2)
         holder = json.loads((out / CLAIM).read_text())
-        code = cli.main(["--input", str(other_root), "--output", str(out), "--overwrite"])
+        code = run_cli(capsys, *["--input", str(other_root), "--output", str(out), "--overwrite"])
         line = one_line_error(capsys, code)
         assert "in use by run" in line and holder["run_id"] in line and str(holder["pid"]) in line
         hold.touch()
@@ -223,7 +229,7 @@ def test_an_interrupted_publish_is_redone_by_the_next_run_even_after_the_input_c
     with pytest.raises(InjectedFault):
         run_job(spark, root, out, output__overwrite=True, faults={"fail_after_published_files": 3}, **settings)
     report = run_job(spark, root, out, output__overwrite=True, **settings)
-    assert len(report["stages_reused"]) == 7
+    assert len(report["stages_reused"]) == 8
     assert_complete_result(out, work_kept=True)
     assert output_groups(out) == output_groups(clean)
 
@@ -246,7 +252,7 @@ def test_overwrite_keeps_files_the_job_did_not_write_and_foreign_job_names_are_r
     foreign = tmp_path / "foreign"
     (foreign / "duplicates").mkdir(parents=True)
     (foreign / "duplicates" / "mine.parquet").write_bytes(b"user data")
-    code = cli.main(["--input", str(root), "--output", str(foreign), "--overwrite"])
+    code = run_cli(capsys, *["--input", str(root), "--output", str(foreign), "--overwrite"])
     assert "which no run of this job published" in one_line_error(capsys, code)
     assert (foreign / "duplicates" / "mine.parquet").read_bytes() == b"user data"
 
@@ -326,7 +332,7 @@ def test_a_shard_without_a_required_column_is_one_line_naming_it(tmp_path, capsy
         bad = sorted(root.glob("*.parquet"))[1]
         _drop_column(bad, "photo_id")
         extra = ["--set", "input.id_column=photo_id"]
-    code = cli.main(["--input", str(root), "--output", str(tmp_path / "out"), *extra])
+    code = run_cli(capsys, *["--input", str(root), "--output", str(tmp_path / "out"), *extra])
     line = one_line_error(capsys, code)
     assert str(bad) in line and ("width" in line or "photo_id" in line)
     assert not (tmp_path / "out" / "dedup").exists()
@@ -338,13 +344,13 @@ def test_a_shard_without_a_required_column_is_one_line_naming_it(tmp_path, capsy
 def test_a_config_file_that_is_not_yaml_is_a_one_line_configuration_error(tmp_path, capsys, content):
     path = tmp_path / "settings.yaml"
     path.write_bytes(content)
-    code = cli.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--config", str(path)])
+    code = run_cli(capsys, *["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--config", str(path)])
     line = one_line_error(capsys, code)
     assert "configuration error" in line and str(path) in line
 
 
 def test_a_missing_config_file_is_a_one_line_configuration_error(tmp_path, capsys):
-    code = cli.main(["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--config",
+    code = run_cli(capsys, *["--input", str(tmp_path), "--output", str(tmp_path / "out"), "--config",
                      str(tmp_path / "absent.yaml")])
     assert "cannot read" in one_line_error(capsys, code)
 
@@ -381,6 +387,7 @@ def test_audit_queries_of_another_dimension_are_one_line_naming_both(small, tmp_
     np.save(tmp_path / "queries" / "q.npy", np.random.default_rng(0).standard_normal((5, 24)).astype(np.float32))
     import audit as audit_cli
 
+    capsys.readouterr()
     code = audit_cli.main(["--queries", str(tmp_path / "queries"), "--train", str(root), "--output",
                            str(tmp_path / "out")])
     lines = capsys.readouterr().err.strip().splitlines()

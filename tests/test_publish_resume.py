@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 
@@ -106,10 +107,16 @@ def test_refuses_to_replace_a_published_output_without_overwrite(spark, tmp_path
     with pytest.raises(OutputError, match="--overwrite"):
         run_job(spark, root, out, bucketing__k=1)
     assert (out / "report.json").read_bytes() == before
-    (out / "stale.txt").write_text("from an earlier run")
+    first = set(json.loads((out / "_SUCCESS").read_text())["files"])
+    (out / "notes.txt").write_text("not the job's")
     report = run_job(spark, root, out, bucketing__k=1, output__overwrite=True)
-    assert report["accounting"]["balanced"] and not (out / "stale.txt").exists()
-    assert (out / "_SUCCESS").exists()
+    second = set(json.loads((out / "_SUCCESS").read_text())["files"])
+    assert report["accounting"]["balanced"]
+    # --overwrite removes exactly what the replaced result published (its tables' parts are named
+    # by run, so they all change), and nothing else.
+    assert first - second and not any((out / name).exists() for name in first - second)
+    assert all((out / name).exists() for name in second)
+    assert (out / "notes.txt").read_text() == "not the job's"
 
 
 def test_a_kept_work_prefix_is_reused_and_still_publishes_every_output(spark, tmp_path):
@@ -122,7 +129,7 @@ def test_a_kept_work_prefix_is_reused_and_still_publishes_every_output(spark, tm
     kept = tmp_path / "first"
     shutil.copytree(out, kept, ignore=shutil.ignore_patterns("_work"))
     again = run_job(spark, root, out, bucketing__k=1, run__keep_work=True, output__overwrite=True)
-    assert again["stages_reused"] == ["read", "train", "assign", "search", "group", "estimate", "write"]
+    assert again["stages_reused"] == ["read", "train", "assign", "search", "group", "estimate", "write", "index"]
     assert len(published(out)) == len(published(kept))
     same_outputs(kept, out)
     assert again["accounting"] == first["accounting"]
