@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 from dedup_spark import config as config_module  # noqa: E402
 from dedup_spark.pipeline import run  # noqa: E402
@@ -174,6 +175,9 @@ def main() -> int:
     parser.add_argument("--skip-4n", action="store_true")
     parser.add_argument("--skip-mllib", action="store_true", help="skip the MLlib BRP-LSH comparison")
     parser.add_argument("--skip-bucketings", action="store_true", help="skip the k-means vs LSH, m and rounds rows")
+    parser.add_argument("--incremental", action="store_true",
+                        help="only the incremental measurement: a full run over --rows, an incremental run of "
+                        "rows/10 new rows against it, and a full rerun over both (bench/incremental.py)")
     parser.add_argument("--job-only", action="store_true",
                         help="only the job with default settings (its own recall estimate, no peers): the 1M-row run")
     parser.add_argument("--data", default=str(REPO / "data" / "bench"))
@@ -194,6 +198,15 @@ def main() -> int:
     cores = spark.sparkContext.defaultParallelism
     result: dict = {"rows": args.rows, "dim": args.dim, "cores": cores, "threshold": THRESHOLD}
 
+    if args.incremental:
+        import incremental
+
+        measured = incremental.run(spark, args.rows, args.dim, data, run_job)
+        (results_dir / f"incremental-{args.rows}.json").write_text(json.dumps(measured, indent=2))
+        (results_dir / f"incremental-{args.rows}.md").write_text(incremental.markdown(measured))
+        print(incremental.markdown(measured))
+        spark.stop()
+        return 0
     result["sgemm_peak_gflops"] = round(sgemm_peak_gflops(), 1)
     source, stored = make_data(args.rows, args.dim, data)
     sub_rows = min(args.mllib_rows, args.rows)

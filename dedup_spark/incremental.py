@@ -378,30 +378,36 @@ def _group_run(ctx: RunContext) -> dict:
     step.done("connected components")
     corpus = (links.where(F.col("level") == 0).select(F.col("row_id_b").alias("row_id"), "group_id", "group_size",
                                                        "embedding").dropDuplicates(["row_id"]))
-    duplicates = _duplicates(ctx, members, corpus)
+    duplicates = _duplicates(ctx, members, corpus, cc_stats["members"])
     info = tables.write_table(read.with_keys(ctx, duplicates), work.duplicates)
     step.done("duplicates/ of the new rows")
     done = session.run_concurrently("group", _closing_queries(ctx, edges, links))
     totals = done["totals"]
-    return {"rows": info.rows, "groups": int(totals["groups"]), "removed_rows": int(totals["removed"] or 0),
+    removed = int(totals["removed"] or 0)
+    pairs = ctx.results["search"]["pair_counts"][0] + ctx.results["reference"]["pair_counts"][0]
+    calibration = [{"threshold": ctx.threshold, "pairs": pairs, "groups": int(totals["groups"]),
+                    "removed_rows": removed}, *done["calibration"]]
+    return {"rows": info.rows, "groups": int(totals["groups"]), "removed_rows": removed,
             "joined_corpus_groups": int(totals["corpus_groups"] or 0), "rows_joined_to_corpus": int(totals["joined"] or 0),
-            "cc_rounds": cc_stats["rounds"], "pairs_rows": done["pairs/"], "calibration": done["calibration"],
+            "cc_rounds": cc_stats["rounds"], "pairs_rows": done["pairs/"], "calibration": calibration,
             "views": done["report views"], "captions": None,
             "note": f"{int(totals['groups'])} groups, {int(totals['joined'] or 0)} new rows joined to corpus groups"}
 
 
-def _duplicates(ctx: RunContext, members: DataFrame, corpus: DataFrame) -> DataFrame:
+def _duplicates(ctx: RunContext, members: DataFrame, corpus: DataFrame, member_count: int) -> DataFrame:
     """The new rows of every component: a component holding corpus rows keeps its corpus row of
     smallest published group, and its new rows join that group; one of new rows only keeps a row
     by the keep policy. Similarities to the kept row are computed like a full run's."""
     spark, config = ctx.spark, ctx.config
+    # Small and read by every step below: computed once (each Spark action would redo the joins).
+    corpus = corpus.localCheckpoint()
     tagged = members.join(corpus.select("row_id", F.col("group_id").alias("published"),
-                                        F.col("group_size").alias("published_size")), "row_id", "left")
+                                        F.col("group_size").alias("published_size")), "row_id", "left").localCheckpoint()
     # Per component with corpus rows: the kept corpus row (smallest published group).
     anchored = (tagged.where(F.col("published").isNotNull()).groupBy("group_id")
                 .agg(F.min(F.struct("published", "row_id", "published_size")).alias("best"))
                 .select("group_id", F.col("best.row_id").alias("kept_row_id"), F.col("best.published").alias("published"),
-                        F.col("best.published_size").alias("published_size")))
+                        F.col("best.published_size").alias("published_size"))).localCheckpoint()
     new_members = tagged.where(F.col("published").isNull()).select("row_id", "group_id")
     free = new_members.join(anchored.select("group_id"), "group_id", "left_anti")
     metadata = read.read_metadata(spark, ctx.manifest, config) if config.keep.expression else None
@@ -413,7 +419,8 @@ def _duplicates(ctx: RunContext, members: DataFrame, corpus: DataFrame) -> DataF
         return read.valid_rows(spark, ctx.work.rows, transform, schema).unionByName(
             corpus_rows.mapInArrow(transform, schema))
 
-    table = group.duplicates_table(scored, kept, rows, ctx.dim, None, config.captions, None)
+    # At most every member, so the members are broadcast to the tasks reading rows as in a full run.
+    table = group.duplicates_table(scored, kept, rows, ctx.dim, None, config.captions, member_count)
     joined = table.join(anchored.select("group_id", "kept_row_id", "published", "published_size"), "group_id", "left")
     new_only = joined.where(F.col("published").isNull() | (F.col("row_id") != F.col("kept_row_id")))
     arrivals = new_only.groupBy("group_id").agg(F.count("*").alias("arrivals"))
@@ -450,10 +457,9 @@ def _closing_queries(ctx: RunContext, edges: DataFrame, links: DataFrame) -> dic
         return tables.write_table(spanning, work.pairs).rows
 
     def calibration():
-        levels = []
-        for level, threshold in enumerate(ctx.thresholds):
-            levels.append({"threshold": threshold, **_removed_at(ctx, edges, links, level)})
-        return levels
+        # The search threshold's row comes from the totals; the others need their own components.
+        return [{"threshold": threshold, **_removed_at(ctx, edges, links, level)}
+                for level, threshold in enumerate(ctx.thresholds) if level > 0]
 
     def views():
         from dedup_spark.assign import bucket_sizes
