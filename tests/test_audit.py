@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_sample, output_groups, read_table, run_job
-from oracle import normalize
+from oracle import cosine, normalize
 
 from dedup_spark import config as config_module
 from dedup_spark.audit import run_audit
