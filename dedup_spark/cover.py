@@ -42,7 +42,7 @@ from dedup_spark import kernels
 # row-id order, which says nothing about groups).
 PROBE_ROWS = 512
 # Smallest task searched by representatives: below it the plain product is short anyway.
-MIN_ROWS = 4096
+MIN_ROWS = 2048
 # Share of the probe's pairs at or above the threshold from which the task has a dense part (a
 # group holding over ~1/6 of the task's rows): below it every row would be its own representative.
 DENSE_PAIRS = 1 / 32
@@ -62,7 +62,7 @@ class _Cover:
     nodes: np.ndarray  # node index (into points) of each position
     owner: np.ndarray  # position of the row's representative (a representative's own)
     radius: np.ndarray  # upper bound of the angle to the owner, radians
-    seen: np.ndarray  # the row was compared with representatives [0, seen)
+    seen: np.ndarray  # the row was compared with every representative in [0, seen)
     leaders: int = 0
 
 
@@ -77,6 +77,7 @@ class _Search:
     theta: float  # arccos(threshold) + ANGLE_SLACK: no pair at the threshold lies farther apart
     margin: float
     memory_bytes: int
+    followers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # per position
     comparisons: int = 0
     leader_forest: kernels.SpanningForest | None = None
     clusters: tuple = field(default_factory=tuple)
@@ -109,7 +110,7 @@ def search(found: kernels._Found, left: np.ndarray, right: np.ndarray | None, bl
                    np.zeros(n, dtype=np.int64))
     threshold = found.thresholds[0]
     state = _Search(found, cover, side, threshold, math.acos(min(1.0, max(-1.0, threshold))) + ANGLE_SLACK,
-                    found.margin, memory_bytes)
+                    found.margin, memory_bytes, np.zeros(n, dtype=np.int64))
     start = 0
     while start < n:
         # Block height: the products against the representatives stay within the memory bound.
@@ -172,37 +173,35 @@ def _best(r: np.ndarray, c: np.ndarray, similarity: np.ndarray) -> tuple[np.ndar
 
 
 def _cover_block(state: _Search, start: int, stop: int) -> None:
-    """Search positions [start, stop): attach rows to representatives, make new ones of the rest."""
+    """Search positions [start, stop): attach rows to representatives, make new ones of the rest.
+
+    Rows meet the representatives that already have attached rows first (a dense group's), and only
+    the rows none of those takes meet the others (in a task that also holds sparse rows, one per
+    row): a row attached here meets the others later, and only those its cluster can reach."""
     cover = state.cover
     leaders, size = cover.leaders, stop - start
     block, nodes = cover.rows32[start:stop], cover.nodes[start:stop]
     owner = np.full(size, -1, dtype=np.int64)
     best = np.ones(size)
-    cover.seen[start:stop] = leaders
-    if leaders:
-        raw = block @ cover.rows32[:leaders].T
-        state.comparisons += size * leaders
-        r, c, similarity = _hits(state, raw, nodes, cover.nodes[:leaders])
-        _account(state, nodes[r], cover.nodes[c], similarity)
+    cover.seen[start:stop] = 0
+    hot = np.flatnonzero(state.followers[:leaders] > 0)
+    cold = np.flatnonzero(state.followers[:leaders] == 0)
+    for targets, rows in ((hot, np.arange(size)), (cold, None)):
+        if rows is None:  # the rows no hot representative took meet every representative
+            rows = np.flatnonzero(owner < 0)
+            cover.seen[start + rows] = leaders
+        if not targets.size or not rows.size:
+            continue
+        raw = block[rows] @ cover.rows32[targets].T
+        state.comparisons += raw.size
+        r, c, similarity = _hits(state, raw, nodes[rows], cover.nodes[targets])
+        _account(state, nodes[rows[r]], cover.nodes[targets[c]], similarity)
         r, c, similarity = _best(r, c, similarity)
-        owner[r], best[r] = c, similarity
+        owner[rows[r]], best[rows[r]] = targets[c], similarity
     free = np.flatnonzero(owner < 0)
-    new = np.zeros(0, dtype=np.int64)
+    placed = new = np.zeros(0, dtype=np.int64)
     if free.size:
-        sub = block[free]
-        raw = sub @ sub.T
-        state.comparisons += free.size * (free.size - 1) // 2
-        r, c, similarity = _hits(state, raw, nodes[free], nodes[free], upper=True)
-        _account(state, nodes[free[r]], nodes[free[c]], similarity)
-        adjacency = np.zeros((free.size, free.size), dtype=bool)
-        adjacency[r, c] = adjacency[c, r] = True
-        new = _independent_set(adjacency)
-        is_new = np.zeros(free.size, dtype=bool)
-        is_new[new] = True
-        # Every other free row has a new representative among its hits (the set is maximal).
-        u, v, s = np.concatenate([r, c]), np.concatenate([c, r]), np.concatenate([similarity, similarity])
-        pick = is_new[v] & ~is_new[u]
-        u, v, s = _best(u[pick], v[pick], s[pick])
+        new, u, v, s = _new_leaders(state, block, nodes, free)
         cover.seen[start + free] = leaders + new.size
         placed = _placement(leaders, start + free[new])
         slot = np.full(free.size, -1, dtype=np.int64)
@@ -210,11 +209,34 @@ def _cover_block(state: _Search, start: int, stop: int) -> None:
         owner[free[u]], best[free[u]] = slot[v], s
         owner[free[new]] = placed
     cover.owner[start:stop] = owner
-    cover.radius[start:stop] = np.where(owner >= 0, _radius(best, state.margin), 0.0)
-    if free.size:
-        cover.radius[start + free[new]] = 0.0
-        _move(cover, start + free[new], placed)
+    cover.radius[start:stop] = _radius(best, state.margin)
+    cover.radius[start + free[new]] = 0.0
+    np.add.at(state.followers, owner, 1)
+    state.followers[placed] -= 1  # a representative is not its own follower
+    _move(cover, start + free[new], placed)
     cover.leaders += new.size
+
+
+def _new_leaders(state: _Search, block: np.ndarray, nodes: np.ndarray,
+                 free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The free rows of a block against each other: an independent set of them becomes new
+    representatives (indices into ``free``), and each other free row (u) attaches to its most
+    similar new one (v, similarity s); every pair found is linked."""
+    sub = block[free]
+    raw = sub @ sub.T
+    state.comparisons += free.size * (free.size - 1) // 2
+    r, c, similarity = _hits(state, raw, nodes[free], nodes[free], upper=True)
+    _account(state, nodes[free[r]], nodes[free[c]], similarity)
+    adjacency = np.zeros((free.size, free.size), dtype=bool)
+    adjacency[r, c] = adjacency[c, r] = True
+    new = _independent_set(adjacency)
+    is_new = np.zeros(free.size, dtype=bool)
+    is_new[new] = True
+    # Every other free row has a new representative among its hits (the set is maximal).
+    u, v, s = np.concatenate([r, c]), np.concatenate([c, r]), np.concatenate([similarity, similarity])
+    pick = is_new[v] & ~is_new[u]
+    u, v, s = _best(u[pick], v[pick], s[pick])
+    return new, u, v, s
 
 
 def _placement(leaders: int, sources: np.ndarray) -> np.ndarray:
