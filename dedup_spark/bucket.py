@@ -563,7 +563,7 @@ class SearchPlan:
     tasks: int
     largest_task_rows: int
     split_buckets: int
-    comparisons: int  # row pairs whose similarity the search computes (each costs d multiply-adds)
+    comparisons: int  # row pairs sharing a bucket: what computing all of them costs (d multiply-adds each)
     task_buckets: dict[int, list[int]]  # the buckets each task searches (several: a pack)
 
 

@@ -264,7 +264,8 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                                                                       if len(b) > 1),
                 "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows,
                 "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
-                "kernel_task_seconds": round(stats.kernel_seconds, 3),
+                "kernel_task_seconds": round(stats.kernel_seconds, 3), "comparisons_done": stats.comparisons_done,
+                "comparisons_all_pairs": stats.comparisons_all_pairs, "rows_attached": stats.rows_attached,
                 "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
                         f"{stats.task_rows} rows shuffled for {assign_result['rows']} bucket joins, "
                         f"cap {cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
@@ -437,7 +438,14 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
                    "kernel_task_seconds": search_result.get("kernel_task_seconds"),
                    # Rows the shuffle to search carried: each row once per task it feeds (assigned_rows
                    # counts it once per bucket; a pack of buckets takes it once).
-                   "routed_rows": search_result.get("routed_rows")},
+                   "routed_rows": search_result.get("routed_rows"),
+                   # Similarities the search tasks computed, against what every pair of their buckets costs;
+                   # rows attached to a representative inside dense groups were not compared with each other,
+                   # and then pairs_found and similarity_histogram count the pairs among the comparisons made.
+                   "comparisons_done": search_result.get("comparisons_done"),
+                   "comparisons_all_pairs": search_result.get("comparisons_all_pairs"),
+                   "rows_attached": search_result.get("rows_attached"),
+                   "pairs_found_is_lower_bound": bool(search_result.get("rows_attached"))},
         "calibration": group_result["calibration"],
         "similarity_histogram": {"edges": [round(float(e), 6) for e in
                                            kernels.histogram_edges(threshold, search.HISTOGRAM_BINS)],
