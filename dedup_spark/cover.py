@@ -185,14 +185,17 @@ def _cover_block(state: _Search, start: int, stop: int) -> None:
     best = np.ones(size)
     cover.seen[start:stop] = 0
     hot = np.flatnonzero(state.followers[:leaders] > 0)
-    cold = np.flatnonzero(state.followers[:leaders] == 0)
+    # Few hot ones among many: the rest are met as the contiguous slice of all (no gather; the hot
+    # ones again, which those rows did not reach).
+    cold = np.arange(leaders) if hot.size * 8 < leaders else np.flatnonzero(state.followers[:leaders] == 0)
     for targets, rows in ((hot, np.arange(size)), (cold, None)):
         if rows is None:  # the rows no hot representative took meet every representative
             rows = np.flatnonzero(owner < 0)
             cover.seen[start + rows] = leaders
         if not targets.size or not rows.size:
             continue
-        raw = block[rows] @ cover.rows32[targets].T
+        columns = cover.rows32[:leaders] if targets.size == leaders else cover.rows32[targets]
+        raw = (block if rows.size == size else block[rows]) @ columns.T
         state.comparisons += raw.size
         r, c, similarity = _hits(state, raw, nodes[rows], cover.nodes[targets])
         _account(state, nodes[rows[r]], cover.nodes[targets[c]], similarity)
@@ -277,7 +280,7 @@ def _independent_set(adjacency: np.ndarray) -> np.ndarray:
 
 def _seed_leader_forest(state: _Search) -> None:
     """A union-find over the representatives holding the components the cover found, and each
-    cluster's attached rows by position (grouped by representative, by ``seen`` inside one)."""
+    cluster's attached rows by position (grouped by representative, farthest from it first)."""
     cover = state.cover
     leaders = cover.leaders
     labels = state.found.forests[0].labels()[cover.nodes[:leaders]]
@@ -286,7 +289,7 @@ def _seed_leader_forest(state: _Search) -> None:
     forest.add(np.arange(leaders, dtype=np.int64), first[inverse.ravel()].astype(np.int64))
     state.leader_forest = forest
     attached = np.arange(leaders, len(cover.nodes))
-    attached = attached[np.lexsort((cover.seen[attached], cover.owner[attached]))]
+    attached = attached[np.lexsort((-cover.radius[attached], cover.owner[attached]))]
     counts = np.bincount(cover.owner[attached], minlength=leaders)
     ends = np.cumsum(counts)
     reach = np.zeros(leaders)
@@ -296,7 +299,8 @@ def _seed_leader_forest(state: _Search) -> None:
 
 def _near(state: _Search, clusters: np.ndarray, candidates: np.ndarray):
     """For chunks of ``clusters``: which ``candidates`` representatives may hold a pair with them
-    (angle(a, b) <= theta + reach(a) + reach(b)), as a boolean chunk x candidates matrix."""
+    (angle(a, b) <= theta + reach(a) + reach(b)), as a boolean chunk x candidates matrix, and the
+    lower bounds of those angles."""
     cover, reach = state.cover, state.clusters[3]
     if not clusters.size or not candidates.size:
         return
@@ -306,27 +310,29 @@ def _near(state: _Search, clusters: np.ndarray, candidates: np.ndarray):
         chunk = clusters[begin:begin + step]
         gram = cover.rows32[chunk] @ others.T
         state.comparisons += gram.size
-        near = _gap(gram, state.margin) <= state.theta + reach[chunk][:, None] + reach[candidates][None, :]
+        gap = _gap(gram, state.margin)
+        near = gap <= state.theta + reach[chunk][:, None] + reach[candidates][None, :]
         near &= chunk[:, None] != candidates[None, :]
-        yield chunk, near
+        yield chunk, near, gap
 
 
 def _late_leaders(state: _Search) -> None:
-    """Compare each cluster's attached rows with the representatives made after them that can reach
-    them and lie in another component (earlier ones were compared in the cover)."""
+    """Compare each cluster's attached rows with the representatives they can reach that lie in
+    another component and that the cover did not compare them with: x attached to a can reach b only
+    if angle(x, a) >= angle(a, b) - theta, so rows near their own representative meet fewer."""
     cover, forest = state.cover, state.leader_forest
     attached, starts, ends, _ = state.clusters
     leaders = np.arange(cover.leaders)
-    for chunk, near in _near(state, np.flatnonzero(ends > starts), leaders):
-        for a, row in zip(chunk, near):
+    for chunk, near, gap in _near(state, np.flatnonzero(ends > starts), leaders):
+        for a, row, to_a in zip(chunk, near, gap):
             labels = forest.parent  # compressed after every add
             cols = np.flatnonzero(row)
             cols = cols[labels[cols] != labels[a]]
             members = attached[starts[a]:ends[a]]
             step = max(1, state.memory_bytes // (_CELL_BYTES * max(1, cols.size)))
             for begin in range(0, members.size if cols.size else 0, step):
-                piece = members[begin:begin + step]
-                later = cols[cols >= cover.seen[piece[0]]]  # ``seen`` ascends inside a cluster
+                piece = members[begin:begin + step]  # the piece's first row lies farthest from a
+                later = cols[(cols >= cover.seen[piece].min()) & (to_a[cols] - state.theta <= cover.radius[piece[0]])]
                 if not later.size:
                     continue
                 raw = cover.rows32[piece] @ cover.rows32[later].T
@@ -342,7 +348,7 @@ def _rims(state: _Search) -> None:
     forest = state.leader_forest
     attached, starts, ends, _ = state.clusters
     clusters = np.flatnonzero(ends > starts)
-    for chunk, near in _near(state, clusters, clusters):
+    for chunk, near, _ in _near(state, clusters, clusters):
         for a, row in zip(chunk, near):
             labels = forest.parent
             others = clusters[row]
@@ -355,6 +361,17 @@ def _rim_pairs(state: _Search, a: int, others: np.ndarray) -> None:
     """Attached rows of cluster ``a`` against those of the clusters ``others``: y of b is kept when
     angle(y, a) <= theta + reach(a); the pair (x, y) is computed when angle(y, a) <= theta + radius(x)
     and angle(x, b) <= theta + radius(y)."""
+    attached, starts, ends, _ = state.clusters
+    # The others' rows a part at a time, so the rows gathered stay within the memory bound.
+    sizes = np.cumsum(ends[others] - starts[others])
+    limit = max(1024, state.memory_bytes // (_CELL_BYTES * state.cover.rows32.shape[1]))
+    part = sizes // limit
+    for value in np.unique(part):
+        _rim_part(state, a, others[part == value])
+
+
+def _rim_part(state: _Search, a: int, others: np.ndarray) -> None:
+    """``_rim_pairs`` for some of the other clusters."""
     cover, forest = state.cover, state.leader_forest
     attached, starts, ends, reach = state.clusters
     ys = np.concatenate([attached[starts[b]:ends[b]] for b in others])
