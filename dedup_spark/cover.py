@@ -5,14 +5,15 @@ costs g^2 / 2 comparisons to find pairs whose only use is to join the group. Her
 with representatives instead, and pairs are computed only where the triangle inequality on angles
 cannot rule them out:
 
-1. Cover. Blocks of rows are multiplied with the representatives found so far. A row whose cosine
-   with some representative reaches the threshold is attached to the most similar one (a real pair,
-   linked in the forest). The rows left are compared with each other; an independent set of them
-   (highest degree first) becomes new representatives, and the others attach to one of those.
-   Every pair a block computes that reaches the threshold is linked, so representatives that share
-   a row join one component.
-2. Late representatives. A row was compared with the representatives that existed when its block
-   was searched; each cluster's attached rows are now compared with the later ones it can reach.
+1. Cover. Blocks of rows are multiplied with the representatives that have attached rows, and the
+   rows none of those takes with the other representatives. A row whose cosine with some
+   representative reaches the threshold is attached to the most similar one (a real pair, linked in
+   the forest). The rows left are compared with each other; an independent set of them (highest
+   degree first) becomes new representatives, and the others attach to one of those. Every pair a
+   block computes that reaches the threshold is linked, so representatives that share a row join
+   one component.
+2. Late representatives. Each cluster's attached rows are compared with the representatives they
+   did not meet in the cover (later ones, and the ones without attached rows) that they can reach.
 3. Rims. Two clusters still in different components can hold a pair only between rows near each
    other's representative: the attached rows of the two are multiplied only where every bound allows.
 

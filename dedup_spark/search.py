@@ -4,7 +4,8 @@ Each task holds one bucket, a pack of buckets that share rows (each searched
 over its own rows; a shared row arrives once), or one pair of blocks of a
 split bucket, and compares every row of a bucket with every other by float32
 matrix products, with an exact float64 check near each threshold
-(``kernels.graph_search``).
+(``kernels.graph_search``); a bucket holding a dense group of near-copies is
+searched by representatives instead (``cover``), whose forest closes the same.
 
 What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
