@@ -452,11 +452,12 @@ class GraphSearchResult:
 
     # One spanning forest per threshold: (a, b, exact similarity) edges.
     forests: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    # Owned pairs >= each threshold (each pair counted by one bucket only).
+    # Owned pairs >= each threshold (each pair counted by one bucket only), among the similarities
+    # computed: every pair unless ``attached`` > 0, then a lower bound.
     pair_counts: np.ndarray
-    # Owned pairs >= thresholds[0] per similarity bin (``histogram_bins`` equal bins over [thresholds[0], 1]).
-    # Exact, except in blocks with over 65,536 pairs (giant groups), whose shape is binned from every
-    # 16th row and scaled to the block's exact count.
+    # Owned pairs >= thresholds[0] per similarity bin (``histogram_bins`` equal bins over [thresholds[0], 1]),
+    # among the similarities computed. Exact, except in blocks with over 65,536 pairs (giant groups), whose
+    # shape is binned from every 16th row and scaled to the block's exact count.
     histogram: np.ndarray
     # Every owned pair >= thresholds[0] as (a, b, similarity), when asked for.
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
