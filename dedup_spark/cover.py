@@ -33,6 +33,7 @@ each their own representative and cost their pairs, as in any exact search.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -298,7 +299,8 @@ def _seed_leader_forest(state: _Search) -> None:
     state.clusters = (attached, ends - counts, ends, reach)
 
 
-def _near(state: _Search, clusters: np.ndarray, candidates: np.ndarray):
+def _near(state: _Search, clusters: np.ndarray,
+          candidates: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """For chunks of ``clusters``: which ``candidates`` representatives may hold a pair with them
     (angle(a, b) <= theta + reach(a) + reach(b)), as a boolean chunk x candidates matrix, and the
     lower bounds of those angles."""
