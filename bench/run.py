@@ -1,6 +1,7 @@
 """make bench: dedup-spark against exhaustive faiss and Spark MLlib LSH, on generated CLIP-like data.
 
     python bench/run.py [--rows 200000] [--dim 768] [--skip-4n] [--mllib-rows 10000]
+    python bench/run.py --giant-groups [--rows 200000] [--giant-sizes 0,10000,40000,80000]  (bench/giant.py)
 
 Writes bench/results/bench-<rows>.json and .md. Every speed figure is a ratio
 against a peer measured in the same run on the same machine (2 cores here),
@@ -25,6 +26,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
+
+import giant  # noqa: E402  (bench/giant.py)
 
 from dedup_spark import config as config_module  # noqa: E402
 from dedup_spark.pipeline import run  # noqa: E402
@@ -182,6 +185,7 @@ def main() -> int:
                         help="only the job with default settings (its own recall estimate, no peers): the 1M-row run")
     parser.add_argument("--data", default=str(REPO / "data" / "bench"))
     parser.add_argument("--results", default=str(REPO / "bench" / "results"))
+    giant.add_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", force=True)
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -192,6 +196,10 @@ def main() -> int:
              .config("spark.sql.shuffle.partitions", "16").config("spark.ui.enabled", "false")
              .config("spark.ui.showConsoleProgress", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
+    if args.giant_groups:
+        code = giant.main(args, spark)
+        spark.stop()
+        return code
     data, results_dir = Path(args.data), Path(args.results)
     data.mkdir(parents=True, exist_ok=True)
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +233,7 @@ def main() -> int:
     report, seconds = run_job(spark, source, data / "out-default")
     groups = read_groups(data / "out-default")
     search_seconds = report["timings_seconds"]["search"]
-    search_flops = 2 * args.dim * report["search"]["comparisons"]  # as the cost model counts them
+    search_flops = 2 * args.dim * report["search"]["comparisons_done"]  # the similarities the kernel computed
     result["job"] = {"seconds": round(seconds, 2), "rows_per_s": round(args.rows / seconds),
                      "rows_per_s_per_core": round(args.rows / seconds / cores), "stages": report["timings_seconds"],
                      "k": report["bucketing"]["k"], "m": report["bucketing"]["m"],

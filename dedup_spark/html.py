@@ -134,7 +134,11 @@ def render(report: dict) -> str:
         ("input rows", "accounting.input_rows"), ("kept rows", "accounting.kept_rows"),
         ("removed as duplicates", "accounting.removed_rows"), ("rejected", "accounting.rejected_rows"),
         ("rows in dedup/", "accounting.written_rows"), ("duplicate groups", "groups.count"),
-        ("rows in groups", "groups.rows_in_groups"), ("pairs found", "search.pairs_found")]))
+        ("rows in groups", "groups.rows_in_groups"), ("pairs found", "search.pairs_found"),
+        ("pairs found is a lower bound (dense groups searched by representatives)", "search.pairs_found_is_lower_bound"),
+        ("rows attached to a representative", "search.rows_attached"),
+        ("similarities computed", "search.comparisons_done"),
+        ("similarities all pairs would cost", "search.comparisons_all_pairs")]))
     sections.append(f'<p>Accounting (input = kept + removed + rejected): '
                     f'<span class="{"ok" if balanced else "bad"}" data-key="accounting.balanced">{_fmt(balanced)}</span></p>')
     rejected = report.get("rejected_by_reason") or {}

@@ -452,14 +452,22 @@ class GraphSearchResult:
 
     # One spanning forest per threshold: (a, b, exact similarity) edges.
     forests: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
-    # Owned pairs >= each threshold (each pair counted by one bucket only).
+    # Owned pairs >= each threshold (each pair counted by one bucket only), among the similarities
+    # computed: every pair unless ``attached`` > 0, then a lower bound.
     pair_counts: np.ndarray
-    # Owned pairs >= thresholds[0] per similarity bin (``histogram_bins`` equal bins over [thresholds[0], 1]).
-    # Exact, except in blocks with over 65,536 pairs (giant groups), whose shape is binned from every
-    # 16th row and scaled to the block's exact count.
+    # Owned pairs >= thresholds[0] per similarity bin (``histogram_bins`` equal bins over [thresholds[0], 1]),
+    # among the similarities computed. Exact, except in blocks with over 65,536 pairs (giant groups), whose
+    # shape is binned from every 16th row and scaled to the block's exact count.
     histogram: np.ndarray
     # Every owned pair >= thresholds[0] as (a, b, similarity), when asked for.
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    # Similarities computed (cells of the products, the path's probe included).
+    comparisons: int = 0
+    # What comparing every pair the task answers for costs: n(n-1)/2, or |left| x |right|.
+    all_pairs: int = 0
+    # Rows attached to a representative (``cover``): their pairs inside a group were not computed, so
+    # pair_counts and histogram count the pairs among the comparisons made (lower bounds) when > 0.
+    attached: int = 0
 
 
 def histogram_edges(threshold: float, bins: int) -> np.ndarray:
@@ -500,6 +508,7 @@ def graph_search(
     bucket_id: int = 0,
     emit_pairs: bool = False,
     histogram_bins: int = 100,
+    representatives: bool = True,
 ) -> GraphSearchResult:
     """Spanning forests of the >= threshold graphs, for several thresholds, from one set of matrix products.
 
@@ -529,6 +538,12 @@ def graph_search(
 
     Each threshold's decisions are exact, so a threshold's forest closes
     exactly like a search at that threshold alone.
+
+    ``representatives`` (one threshold, no pairs emitted, a task whose
+    sampled pairs show a dense part): the task is searched by
+    ``cover.search`` instead, whose cost on a group of near-copies grows with
+    its size; the forest closes the same, and pair counts and the histogram
+    then count the pairs among the comparisons made (``attached`` > 0).
     """
     thresholds = [float(t) for t in thresholds]
     margin = similarity_margin(points.shape[1])
@@ -536,6 +551,25 @@ def graph_search(
                    [SpanningForest(points.shape[0]) for _ in thresholds], [[] for _ in thresholds],
                    np.zeros(len(thresholds), dtype=np.int64), np.zeros(histogram_bins, dtype=np.int64),
                    (1.0 - thresholds[0]) / histogram_bins if thresholds[0] < 1.0 else 1.0, [], emit_pairs)
+    all_pairs = len(left) * (len(left) - 1) // 2 if right is None else len(left) * len(right)
+    probed = 0
+    if representatives and len(thresholds) == 1 and not emit_pairs:
+        from dedup_spark import cover  # it builds on this module
+
+        nodes = left if right is None else np.concatenate([left, right])
+        dense, probed = cover.probe_dense(points, nodes, thresholds[0], margin)
+        if dense:
+            comparisons, attached = cover.search(found, left, right, block_rows, memory_bytes)
+            return _result(found, probed + comparisons, all_pairs, attached)
+    _plain_search(found, left, right, block_rows, memory_bytes)
+    return _result(found, probed + all_pairs, all_pairs, 0)
+
+
+def _plain_search(found: _Found, left: np.ndarray, right: np.ndarray | None, block_rows: int,
+                  memory_bytes: int) -> None:
+    """Every pair the task answers for, by blocks of matrix products (``graph_search``)."""
+    points, thresholds, margin, buckets, bucket_id = (found.points, found.thresholds, found.margin, found.buckets,
+                                                      found.bucket_id)
     same = right is None
     columns_all = left if same else right
     # Gathered once: each block is then a slice, not a copy of its columns.
@@ -569,6 +603,11 @@ def graph_search(
                 _sparse_block(found, raw, candidate, rows, cols, diagonal, sharing)
             else:
                 _dense_block(found, raw, rows, cols, diagonal, sharing)
+
+
+def _result(found: _Found, comparisons: int, all_pairs: int, attached: int) -> GraphSearchResult:
+    """The search's forests with each chosen edge's exact similarity, and its counters."""
+    points = found.points
     result = []
     for picked in found.chosen:
         if not picked:
@@ -579,7 +618,7 @@ def graph_search(
         b = np.concatenate([p[1] for p in picked])
         similarity = exact_cosine(points[a], points[b])
         result.append((a, b, similarity.astype(np.float32)))
-    return GraphSearchResult(result, found.pair_counts, found.histogram, found.pairs)
+    return GraphSearchResult(result, found.pair_counts, found.histogram, found.pairs, comparisons, all_pairs, attached)
 
 
 def _sparse_block(found: _Found, raw: np.ndarray, candidate: np.ndarray, rows: np.ndarray, cols: np.ndarray,

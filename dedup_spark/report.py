@@ -169,7 +169,14 @@ def assemble(ctx: RunContext, reused: list[str], seconds: dict[str, float], kern
                    "kernel_task_seconds": searched.get("kernel_task_seconds"),
                    # Rows the shuffle to search carried: each row once per task it feeds (assigned_rows
                    # counts it once per bucket; a pack of buckets takes it once).
-                   "routed_rows": searched.get("routed_rows")},
+                   "routed_rows": searched.get("routed_rows"),
+                   # Similarities the search tasks computed, against what every pair of their buckets costs;
+                   # rows attached to a representative inside dense groups were not compared with each other,
+                   # and then pairs_found and similarity_histogram count the pairs among the comparisons made.
+                   "comparisons_done": searched.get("comparisons_done"),
+                   "comparisons_all_pairs": searched.get("comparisons_all_pairs"),
+                   "rows_attached": searched.get("rows_attached"),
+                   "pairs_found_is_lower_bound": bool(searched.get("rows_attached"))},
         "calibration": grouped["calibration"],
         "similarity_histogram": {"edges": [round(float(e), 6) for e in
                                            kernels.histogram_edges(ctx.threshold, search.HISTOGRAM_BINS)],

@@ -9,7 +9,8 @@ Each task holds one bucket, a pack of buckets that share rows (each searched
 over its own rows; a shared row arrives once), or one pair of blocks of a
 split bucket, and compares every row of a bucket with every other by float32
 matrix products, with an exact float64 check near each threshold
-(``kernels.graph_search``).
+(``kernels.graph_search``); a bucket holding a dense group of near-copies is
+searched by representatives instead (``cover``), whose forest closes the same.
 
 What a task emits (EDGES_SCHEMA, told apart by ``level``):
 
@@ -26,6 +27,10 @@ What a task emits (EDGES_SCHEMA, told apart by ``level``):
 - ``level == KERNEL_MICROS``: (0, microseconds the task spent in ``kernels.graph_search``), so the
   report can split the stage into the kernel and the data path that feeds it.
 - ``level == TASK_ROWS``: (0, rows the task received): summed, the rows the shuffle carried.
+- ``level == COMPARISONS`` / ``ALL_PAIRS`` / ``ATTACHED``: (0, similarities the kernel computed),
+  (0, what computing every pair of the task's buckets costs), (0, rows attached to a representative:
+  ``kernels.graph_search`` searched a dense group by representatives, and the task's pair counts
+  and histogram are then counts among the comparisons made, lower bounds of the owned pairs).
 """
 
 from __future__ import annotations
@@ -58,6 +63,9 @@ PAIR_COUNT = -2
 HISTOGRAM = -3
 KERNEL_MICROS = -4
 TASK_ROWS = -5
+COMPARISONS = -6
+ALL_PAIRS = -7
+ATTACHED = -8
 HISTOGRAM_BINS = 100
 
 
@@ -79,6 +87,8 @@ def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: i
     pair_counts = np.zeros(levels, np.int64)
     histogram = np.zeros(HISTOGRAM_BINS, np.int64)
     kernel_seconds = 0.0
+    # Similarities computed, what all pairs would cost, rows attached to a representative.
+    work = np.zeros(3, np.int64)
     packed = len(bucket_ids) > 1 and buckets is not None
     if packed:
         # Every (row, bucket) the pack's rows joined, by bucket (rows ascending within one): a
@@ -106,6 +116,7 @@ def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: i
             yield _edges_batch(row_ids, nodes[a], nodes[b], similarity, PAIR)
         pair_counts += found.pair_counts
         histogram += found.histogram
+        work += (found.comparisons, found.all_pairs, found.attached)
     for level, edges in enumerate(forests):
         a, b, similarity = (np.concatenate(column) for column in zip(*edges))
         if len(bucket_ids) > 1 and len(a):
@@ -116,7 +127,8 @@ def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: i
             yield _edges_batch(row_ids, a, b, similarity, level)
     micros = round(kernel_seconds * 1e6)
     for level, counts in ((PAIR_COUNT, pair_counts), (HISTOGRAM, histogram), (KERNEL_MICROS, np.array([micros])),
-                          (TASK_ROWS, np.array([len(row_ids)]))):
+                          (TASK_ROWS, np.array([len(row_ids)])), (COMPARISONS, work[:1]), (ALL_PAIRS, work[1:2]),
+                          (ATTACHED, work[2:])):
         index = np.flatnonzero(counts)
         if index.size:
             yield pa.RecordBatch.from_arrays(
@@ -160,11 +172,16 @@ def found_pairs(edges: DataFrame) -> DataFrame:
 
 
 class SearchStats(NamedTuple):
-    pair_counts: list[int]  # owned pairs per threshold
-    histogram: list[int]  # owned pairs per similarity bin (HISTOGRAM_BINS from the search threshold)
+    # Owned pairs per threshold, and per similarity bin (HISTOGRAM_BINS from the search threshold):
+    # among the comparisons made, so lower bounds when rows_attached > 0, exact otherwise.
+    pair_counts: list[int]
+    histogram: list[int]
     forest_edges: list[int]  # spanning edges per threshold
     kernel_seconds: float  # summed over tasks: time inside kernels.graph_search
     task_rows: int  # summed over tasks: rows received, i.e. carried by the shuffle to search
+    comparisons_done: int = 0  # summed over tasks: similarities the kernel computed
+    comparisons_all_pairs: int = 0  # summed over tasks: what computing every pair of their buckets costs
+    rows_attached: int = 0  # summed over tasks: rows attached to a representative (not compared with each other)
 
 
 def search_stats(edges: DataFrame, levels: int) -> SearchStats:
@@ -175,7 +192,7 @@ def search_stats(edges: DataFrame, levels: int) -> SearchStats:
               .groupBy("level", F.when(counts_row, F.col("row_id_a")).alias("index"))
               .agg(F.sum(F.when(counts_row, F.col("row_id_b")).otherwise(1)).alias("count")).collect())
     pair_counts, histogram, forest_edges = [0] * levels, [0] * HISTOGRAM_BINS, [0] * levels
-    single = {KERNEL_MICROS: 0, TASK_ROWS: 0}  # one row each: every task's counter has index 0
+    single = dict.fromkeys((KERNEL_MICROS, TASK_ROWS, COMPARISONS, ALL_PAIRS, ATTACHED), 0)  # index 0 each
     for row in totals:
         if row["level"] >= 0:
             forest_edges[row["level"]] = int(row["count"])
@@ -184,7 +201,8 @@ def search_stats(edges: DataFrame, levels: int) -> SearchStats:
         else:
             target = pair_counts if row["level"] == PAIR_COUNT else histogram
             target[int(row["index"])] = int(row["count"])
-    return SearchStats(pair_counts, histogram, forest_edges, single[KERNEL_MICROS] / 1e6, single[TASK_ROWS])
+    return SearchStats(pair_counts, histogram, forest_edges, single[KERNEL_MICROS] / 1e6, single[TASK_ROWS],
+                       single[COMPARISONS], single[ALL_PAIRS], single[ATTACHED])
 
 
 PROBE_PAIRS_SCHEMA = T.StructType([
@@ -272,7 +290,8 @@ def _run(ctx: RunContext) -> dict:
             "packed_buckets": sum(len(b) for b in plan.task_buckets.values() if len(b) > 1),
             "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows, "max_task_rows": sizing.cap,
             "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
-            "kernel_task_seconds": round(stats.kernel_seconds, 3),
+            "kernel_task_seconds": round(stats.kernel_seconds, 3), "comparisons_done": stats.comparisons_done,
+            "comparisons_all_pairs": stats.comparisons_all_pairs, "rows_attached": stats.rows_attached,
             "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
                     f"{stats.task_rows} rows shuffled for {ctx.results['assign']['rows']} bucket joins, "
                     f"cap {sizing.cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}

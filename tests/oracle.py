@@ -84,3 +84,53 @@ def exact_jaccard(a: str | None, b: str | None, kind: str = "chars", size: int =
     if not left or not right:
         return None
     return len(left & right) / len(left | right)
+
+
+def closure_labels(embeddings: np.ndarray, threshold: float, extra_edges: tuple | None = None) -> np.ndarray:
+    """The smallest row index of every row's component under all pairs with exact similarity >=
+    threshold (rows in no pair are their own), without listing the pairs at once: each block of rows
+    is compared with every row in float64, cells near the threshold are settled by ``cosine``, and
+    the block's components (scipy's connected components) are kept as stars, so a group of g
+    copies costs g^2 products but O(g) memory. ``extra_edges``: (a, b) index arrays also joined."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    stored = np.asarray(embeddings, dtype=np.float16)
+    wide = stored.astype(np.float64)
+    wide /= np.sqrt((wide * wide).sum(axis=1))[:, None]
+    n = len(stored)
+    stars_a, stars_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    if extra_edges is not None:
+        stars_a.append(np.asarray(extra_edges[0], np.int64))
+        stars_b.append(np.asarray(extra_edges[1], np.int64))
+    for start in range(0, n, 512):
+        scores = wide[start:start + 512] @ wide.T
+        rows, cols = np.nonzero(scores >= threshold - 1e-9)
+        rows = rows + start
+        keep = cols > rows
+        rows, cols = rows[keep], cols[keep]
+        band = scores[rows - start, cols] < threshold + 1e-9
+        exact = np.ones(rows.size, dtype=bool)
+        exact[band] = cosine(stored[rows[band]], stored[cols[band]]) >= threshold
+        rows, cols = rows[exact], cols[exact]
+        if not rows.size:
+            continue
+        graph = coo_matrix((np.ones(rows.size), (rows, cols)), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+        touched = np.unique(np.concatenate([rows, cols]))
+        _, first, inverse = np.unique(labels[touched], return_index=True, return_inverse=True)
+        stars_a.append(touched)
+        stars_b.append(touched[first][inverse.ravel()])
+    return smallest_member(n, np.concatenate(stars_a), np.concatenate(stars_b))
+
+
+def smallest_member(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest node of each of ``n`` nodes' component under the edges (a, b) (scipy)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    graph = coo_matrix((np.ones(len(a)), (np.asarray(a, np.int64), np.asarray(b, np.int64))), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    smallest = np.full(labels.max() + 1 if n else 0, n, dtype=np.int64)
+    np.minimum.at(smallest, labels, np.arange(n))
+    return smallest[labels]

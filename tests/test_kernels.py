@@ -468,3 +468,257 @@ def test_sample_mask_is_a_seeded_bernoulli_sample_of_ids():
     other = kernels.sample_mask(ids, 0.01, seed=6)
     assert int((first & other).sum()) < 200
     assert not kernels.sample_mask(ids, 0.0, seed=5).any() and kernels.sample_mask(ids, 1.0, seed=5).all()
+
+
+# Search by representatives (dedup_spark.cover): closure per threshold against independent oracles.
+
+T_COVER = 0.95
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Tasks of a few thousand rows take the representatives' path too, so each case stays fast."""
+    from dedup_spark import cover
+
+    monkeypatch.setattr(cover, "MIN_ROWS", 256)
+
+
+def _unit(rng: np.random.Generator, d: int) -> np.ndarray:
+    v = rng.standard_normal(d)
+    return v / np.linalg.norm(v)
+
+
+def _copies(rng: np.random.Generator, source: np.ndarray, similarity: np.ndarray, directions: int | None) -> np.ndarray:
+    """Rows at the given cosines to ``source``, each moved along a random direction of a fixed
+    ``directions``-dimensional subspace (None: of the whole space)."""
+    d = source.size
+    if directions is None:
+        moves = rng.standard_normal((similarity.size, d))
+    else:
+        moves = rng.standard_normal((similarity.size, directions)) @ np.linalg.qr(rng.standard_normal((d, directions)))[0].T
+    moves -= (moves @ source)[:, None] * source
+    moves /= np.linalg.norm(moves, axis=1, keepdims=True)
+    return similarity[:, None] * source + np.sqrt(1.0 - similarity**2)[:, None] * moves
+
+
+def _searched(stored: np.ndarray, threshold: float, **options) -> tuple[np.ndarray, kernels.GraphSearchResult]:
+    """The kernel's components (smallest member of each row's) over one task of all rows, after
+    checking every forest edge is a real pair."""
+    from oracle import cosine, smallest_member
+
+    found = kernels.graph_search(stored, np.arange(len(stored)), None, [threshold], **options)
+    a, b, _ = found.forests[0]
+    assert (cosine(stored[a], stored[b]) >= threshold).all(), "every forest edge is a real pair"
+    assert len(a) < len(stored)
+    return smallest_member(len(stored), a, b), found
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_representatives_close_a_tight_group_of_20000_copies(seed):
+    """20,000 copies within half the threshold's angle of one row (so all their pairs are pairs,
+    by the triangle inequality, checked on the stored values) among 2,000 CLIP-like rows at least
+    1.5 times that angle away: the group is one component, at a tenth of its pairs or less."""
+    rng = np.random.default_rng(seed)
+    d, half = 32, math.acos(T_COVER) / 2
+    source = _unit(rng, d)
+    group = _copies(rng, source, np.cos(rng.uniform(0, 0.9 * half, 20_000)), None)
+    rest = generate(SampleSpec(rows=2_000, dim=d, seed=seed)).embeddings.astype(np.float64)
+    order = rng.permutation(22_000)
+    stored = normalize(np.concatenate([group, rest])[order])
+    wide = stored.astype(np.float64) / np.linalg.norm(stored.astype(np.float64), axis=1, keepdims=True)
+    in_group = order < 20_000
+    assert (wide[in_group] @ source > math.cos(half)).all() and (wide[~in_group] @ source < math.cos(3 * half)).all()
+    others = np.flatnonzero(~in_group)
+    expected = np.arange(len(stored))
+    for row, smallest in groups_of(brute_force_pairs(stored[others], T_COVER, others)).items():
+        expected[row] = smallest
+    expected[in_group] = np.flatnonzero(in_group).min()
+    labels, found = _searched(stored, T_COVER)
+    assert np.array_equal(labels, expected)
+    assert found.attached >= 19_000 and found.comparisons * 10 < found.all_pairs, (found.comparisons, found.all_pairs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_representatives_close_a_chain_whose_ends_are_far_apart(small_tasks, seed):
+    """Rows along an arc of 2.5 radians, each a small step from the last: the ends are far below the
+    threshold to each other, and only the steps join them."""
+    from oracle import closure_labels
+
+    rng = np.random.default_rng(seed)
+    d, n = 32, 3_000
+    e1, e2 = _unit(rng, d), _unit(rng, d)
+    e2 -= (e2 @ e1) * e1
+    e2 /= np.linalg.norm(e2)
+    angle = np.sort(rng.uniform(0, 2.5, n))
+    rows = np.cos(angle)[:, None] * e1 + np.sin(angle)[:, None] * e2 + 0.02 * rng.standard_normal((n, d))
+    stored = normalize(rows[rng.permutation(n)])
+    expected = closure_labels(stored, T_COVER)
+    wide = stored.astype(np.float64)
+    assert wide[np.argmin(wide @ e2)] @ wide[np.argmax(wide @ e2)] < 0.2, "the ends are far apart"
+    labels, found = _searched(stored, T_COVER, block_rows=256)
+    assert found.attached > 0
+    assert np.array_equal(labels, expected)
+
+
+def _two_groups(rng: np.random.Generator, d: int, size: int, gap_degrees: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two tight groups whose sources are ``gap_degrees`` apart; rows and each row's group (0, 1)."""
+    first = _unit(rng, d)
+    turn = _unit(rng, d)
+    turn -= (turn @ first) * first
+    turn /= np.linalg.norm(turn)
+    gap = math.radians(gap_degrees)
+    second = math.cos(gap) * first + math.sin(gap) * turn
+    spread = np.cos(rng.uniform(0, math.radians(5), size))
+    rows = np.concatenate([_copies(rng, first, spread, None), _copies(rng, second, spread, None)])
+    return rows, np.repeat([0, 1], size)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_representatives_join_two_giant_groups_bridged_by_one_row(small_tasks, seed):
+    """Two groups of 2,500 copies 30 degrees apart (no pair across them) and one row halfway: the
+    groups are one component with it and two without it."""
+    from oracle import cosine
+
+    rng = np.random.default_rng(seed)
+    rows, member = _two_groups(rng, 32, 2_500, 30.0)
+    midpoint = rows[:2_500].mean(axis=0) + rows[2_500:].mean(axis=0)
+    rows = np.concatenate([rows, midpoint[None, :] / np.linalg.norm(midpoint)])
+    order = rng.permutation(len(rows))
+    stored = normalize(rows[order])
+    member = np.append(member, 2)[order]
+    wide = stored.astype(np.float64) / np.linalg.norm(stored.astype(np.float64), axis=1, keepdims=True)
+    first, second, bridge = (np.flatnonzero(member == k) for k in range(3))
+    assert (wide[first] @ wide[second].T).max() < T_COVER - 1e-3, "no pair across the groups"
+    assert (wide[first] @ wide[first].T).min() > T_COVER and (wide[second] @ wide[second].T).min() > T_COVER
+    reach = cosine(np.repeat(stored[bridge], len(stored), axis=0), stored) >= T_COVER
+    assert reach[first].any() and reach[second].any(), "the bridge reaches both groups"
+    labels, found = _searched(stored, T_COVER)
+    assert found.attached > 4_000
+    assert np.array_equal(labels, np.full(len(stored), 0)), "one component through the bridge"
+    keep = np.flatnonzero(member != 2)
+    labels, _ = _searched(stored[keep], T_COVER)
+    groups = member[keep]
+    assert np.array_equal(labels, np.where(groups == 0, np.argmax(groups == 0), np.argmax(groups == 1)))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_representatives_keep_a_pair_exactly_at_the_threshold(small_tasks, seed):
+    """Two tight groups joined by one pair only, the threshold set to that pair's exact cosine: the
+    pair must be found (the bounds may prune nothing at the threshold), and just above it must not."""
+    from oracle import cosine
+
+    rng = np.random.default_rng(seed)
+    rows, member = _two_groups(rng, 32, 1_500, 24.0)
+    order = rng.permutation(len(rows))
+    stored, member = normalize(rows[order]), member[order]
+    first, second = np.flatnonzero(member == 0), np.flatnonzero(member == 1)
+    wide = stored.astype(np.float64) / np.linalg.norm(stored.astype(np.float64), axis=1, keepdims=True)
+    across = wide[first] @ wide[second].T
+    top = np.sort(across, axis=None)[-2:]
+    i, j = np.unravel_index(np.argmax(across), across.shape)
+    edge = float(cosine(stored[first[i]][None], stored[second[j]][None])[0])
+    assert top[0] < edge - 1e-6, "one pair across the groups is the closest"
+    assert min((wide[first] @ wide[first].T).min(), (wide[second] @ wide[second].T).min()) > edge
+    labels, found = _searched(stored, edge)
+    assert found.attached > 2_500
+    assert (labels == 0).all()
+    labels, _ = _searched(stored, float(np.nextafter(edge, 2.0)))
+    assert len(set(labels.tolist())) == 2
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_representatives_close_a_group_split_across_a_buckets_blocks(small_tasks, seed):
+    """A group of 3,000 copies whose similarities to their source spread around the threshold (moving
+    in 4 directions) and 1,000 other rows, split into 3 blocks by hash and searched as the plan does
+    (each block alone, each pair of blocks across): the forests together close like all pairs."""
+    from oracle import closure_labels, smallest_member
+
+    rng = np.random.default_rng(seed)
+    d = 32
+    source = _unit(rng, d)
+    group = _copies(rng, source, rng.uniform(0.9, 1.0, 3_000), 4)
+    rest = generate(SampleSpec(rows=1_000, dim=d, seed=seed + 10)).embeddings.astype(np.float64)
+    stored = normalize(np.concatenate([group, rest]))
+    blocks = np.array_split(rng.permutation(len(stored)), 3)
+    edges, attached = [], 0
+    for x in range(3):
+        for y in range(x, 3):
+            found = kernels.graph_search(stored, blocks[x], None if x == y else blocks[y], [T_COVER], block_rows=300)
+            edges.append(found.forests[0][:2])
+            attached += found.attached
+            assert found.all_pairs == (len(blocks[x]) * (len(blocks[x]) - 1) // 2 if x == y
+                                       else len(blocks[x]) * len(blocks[y]))
+    a, b = (np.concatenate(side) for side in zip(*edges))
+    assert attached > 0
+    assert np.array_equal(smallest_member(len(stored), a, b), closure_labels(stored, T_COVER))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("directions", [4, None])
+def test_representatives_close_a_giant_group_among_sparse_rows(small_tasks, monkeypatch, seed, directions):
+    """A group of 2,500 copies spread around the threshold, moving in 4 directions or in all (a halo
+    of rows below the threshold to the source and to each other, taken by representatives whatever
+    the probe says), among 2,500 CLIP-like rows with their own small groups; the pairs counted among
+    the comparisons made never exceed the true ones."""
+    from oracle import closure_labels
+
+    from dedup_spark import cover
+
+    if directions is None:
+        monkeypatch.setattr(cover, "DENSE_PAIRS", 0.0)
+    rng = np.random.default_rng(seed)
+    d = 48
+    group = _copies(rng, _unit(rng, d), rng.uniform(0.88, 1.0, 2_500), directions)
+    rest = generate(SampleSpec(rows=2_500, dim=d, seed=seed + 20)).embeddings.astype(np.float64)
+    stored = normalize(np.concatenate([group, rest])[rng.permutation(5_000)])
+    labels, found = _searched(stored, T_COVER, block_rows=512)
+    assert found.attached > 0
+    assert np.array_equal(labels, closure_labels(stored, T_COVER))
+    assert found.pair_counts[0] <= len(brute_force_pairs(stored, T_COVER))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_rows_take_the_plain_path_and_representatives_stay_exact_on_them(small_tasks, monkeypatch, seed):
+    """CLIP-like rows with no giant group: the probe keeps the plain product (every pair computed,
+    counts exact); forced onto representatives, the closure is still exact."""
+    from oracle import closure_labels
+
+    from dedup_spark import cover
+
+    stored = normalize(generate(SampleSpec(rows=3_000, dim=32, seed=seed + 30)).embeddings)
+    expected = closure_labels(stored, T_COVER)
+    labels, found = _searched(stored, T_COVER)
+    assert found.attached == 0 and found.pair_counts[0] == len(brute_force_pairs(stored, T_COVER))
+    assert np.array_equal(labels, expected)
+    monkeypatch.setattr(cover, "DENSE_PAIRS", 0.0)
+    labels, found = _searched(stored, T_COVER, block_rows=200)
+    assert found.attached > 0
+    assert np.array_equal(labels, expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_representatives_prune_nothing_at_the_threshold_where_the_bounds_are_tight(small_tasks, seed):
+    """Two dense arcs of one great circle, the threshold set to the exact cosine of the gap between
+    their nearest ends: on a circle the triangle inequality is an equality, so the bound through two
+    representatives meets the threshold exactly for that pair, which must still be found."""
+    from oracle import cosine
+
+    rng = np.random.default_rng(seed)
+    d = 32
+    plane = np.linalg.qr(rng.standard_normal((d, 2)))[0].T
+    angles = np.concatenate([np.sort(rng.uniform(0.0, 0.6, 1_500)), 0.85 + np.sort(rng.uniform(0.0, 0.6, 1_500))])
+    rows = np.cos(angles)[:, None] * plane[0] + np.sin(angles)[:, None] * plane[1]
+    order = rng.permutation(len(rows))
+    stored = normalize(rows[order])
+    arc = (order >= 1_500).astype(np.int64)
+    first, second = np.flatnonzero(arc == 0), np.flatnonzero(arc == 1)
+    wide = stored.astype(np.float64) / np.linalg.norm(stored.astype(np.float64), axis=1, keepdims=True)
+    across = wide[first] @ wide[second].T
+    i, j = np.unravel_index(np.argmax(across), across.shape)
+    edge = float(cosine(stored[first[i]][None], stored[second[j]][None])[0])
+    assert np.sort(across, axis=None)[-2] < edge - 1e-7, "one pair across the arcs is the closest"
+    labels, found = _searched(stored, edge, block_rows=256)
+    assert found.attached > 2_000
+    assert (labels == 0).all()
+    labels, _ = _searched(stored, float(np.nextafter(edge, 2.0)), block_rows=256)
+    assert np.array_equal(labels, np.where(arc == 0, first.min(), second.min()))

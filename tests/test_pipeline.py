@@ -107,6 +107,10 @@ def test_packed_buckets_find_the_pairs_of_a_task_per_bucket(spark, medium, tmp_p
     unpacked, packed = reports[0], reports[None]
     assert pairs[None] == pairs[0] and pairs[0] <= set(oracle) and groups[None] == groups[0]
     assert packed["search"]["pairs_found"] == unpacked["search"]["pairs_found"] == len(pairs[0])
+    # Every pair listed: the plain product computes each pair sharing a bucket once, attaching none.
+    for counted in (packed["search"], unpacked["search"]):
+        assert counted["comparisons_done"] == counted["comparisons_all_pairs"] == counted["comparisons"]
+        assert counted["rows_attached"] == 0 and counted["pairs_found_is_lower_bound"] is False
     assert unpacked["bucketing"]["packed_buckets"] == 0
     assert unpacked["search"]["routed_rows"] == unpacked["bucketing"]["assigned_rows"]
     assert packed["bucketing"]["packed_buckets"] > 10

@@ -124,6 +124,12 @@ def test_one_100k_copy_group_keeps_edges_linear(spark, tmp_path):
     # grouping are at most B x rows, against ~5e9 pairs inside the group.
     assert report["search"]["edges_emitted"] < blocks * len(rows), report["search"]
     assert report["search"]["pairs_written"] <= report["search"]["edges_emitted"]
+    # Searched by representatives: the copies are attached (in every task that holds them), and the
+    # similarities computed are a small share of the ~6e9 all pairs cost; pair counts are lower bounds.
+    searched = report["search"]
+    assert searched["comparisons_all_pairs"] == len(rows) * (len(rows) - 1) // 2, searched
+    assert searched["rows_attached"] > 0.9 * 100_000 and searched["pairs_found_is_lower_bound"] is True
+    assert searched["comparisons_done"] < searched["comparisons_all_pairs"] / 20, searched
     assert report["accounting"]["kept_rows"] == len(rows) - (len(expected) - len(set(expected.values())))
     # The tasks' kernel time is part of the stage's core-seconds (the rest feeds the kernel its rows).
     kernel = report["search"]["kernel_task_seconds"]
@@ -140,7 +146,8 @@ def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
     counters = [(0, 3_000, search.PAIR_COUNT), (1, 900, search.PAIR_COUNT), (0, 2_000, search.PAIR_COUNT),
                 (95, 4_000, search.HISTOGRAM), (99, 1_000, search.HISTOGRAM), (95, 7, search.HISTOGRAM),
                 (0, 1_250_000, search.KERNEL_MICROS), (0, 500_000, search.KERNEL_MICROS),
-                (0, 1_234, search.TASK_ROWS), (0, 66, search.TASK_ROWS)]
+                (0, 1_234, search.TASK_ROWS), (0, 66, search.TASK_ROWS), (0, 10**10, search.COMPARISONS),
+                (0, 5, search.COMPARISONS), (0, 3 * 10**10, search.ALL_PAIRS), (0, 700, search.ATTACHED)]
     rows += [(index, count, 0.0, level) for index, count, level in counters]
     edges = spark.createDataFrame(rows, search.EDGES_SCHEMA).repartition(4)
     stats = search.search_stats(edges, 2)
@@ -148,6 +155,7 @@ def test_search_stats_count_spanning_edges_apart_from_pairs_and_counters(spark):
     assert stats.pair_counts == [5_000, 900]
     assert stats.histogram[95] == 4_007 and stats.histogram[99] == 1_000 and sum(stats.histogram) == 5_007
     assert stats.kernel_seconds == 1.75 and stats.task_rows == 1_300
+    assert (stats.comparisons_done, stats.comparisons_all_pairs, stats.rows_attached) == (10**10 + 5, 3 * 10**10, 700)
 
 
 @pytest.mark.parametrize("paired", [None, 2])
