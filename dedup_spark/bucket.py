@@ -52,8 +52,9 @@ ROUTED_SCHEMA = T.StructType([
 ])
 # Fraction of max_task_rows one block aims at; hashing makes block sizes vary a little.
 _BLOCK_FILL = 0.45
-# A task's estimated cost: its pairs compared plus this many per row it receives. Measured at 1M
-# rows (session 16): ~17 ns of kernel a pair, ~19 us of shuffle, sort and Arrow a row.
+# A task's estimated cost: its pairs compared plus this many per row it receives. A row brought
+# to a task through the shuffle, the sort and Arrow costs about as much as a thousand pairs in the
+# kernel (the measured rates are in docs/performance.md, "What limits each stage").
 _ROW_COST = 1000
 
 # Links per bucket that packing considers: a bucket's border rows go mostly to a few neighbours.
