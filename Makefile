@@ -9,7 +9,7 @@ DEMO_DIM ?= 512
 DEMO_DIR := data/demo
 BENCH_ROWS ?= 200000
 
-.PHONY: install demo test lint bench clean zip docker-demo
+.PHONY: install demo test lint bench clean zip docker-demo docs
 
 $(STAMP): setup.cfg pyproject.toml scripts/find_java.sh
 	@scripts/find_java.sh >/dev/null
@@ -47,6 +47,10 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# docs/configuration.md, generated from conf/default.yaml (tests/test_docs.py fails when it is stale).
+docs: install
+	$(PY) scripts/config_reference.py
 
 clean:
 	rm -rf $(VENV) data build *.egg-info
