@@ -569,7 +569,7 @@ class SearchPlan:
     tasks: int
     largest_task_rows: int
     split_buckets: int
-    comparisons: int  # row pairs whose similarity the search computes (each costs d multiply-adds)
+    comparisons: int  # row pairs sharing a bucket: what computing all of them costs (d multiply-adds each)
     task_buckets: dict[int, list[int]]  # the buckets each task searches (several: a pack)
 
 
@@ -700,6 +700,22 @@ def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch,
     of every search task they feed (ROUTED_SCHEMA): a row goes once to the task of each bucket it
     joins, or, in a split bucket, to every task of its block (chosen by a hash of row_id); a row
     joining several buckets of one pack goes to that task once."""
+    routes = route_ids(plan, width, seed)
+
+    def route_batch(rows: pa.RecordBatch, assigned: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
+        row, task, side = routes(rows.column("row_id").to_numpy(), assigned.column("buckets"))
+        take = pa.array(row)
+        yield pa.RecordBatch.from_arrays(
+            [pa.array(task), pa.array(side), rows.column("row_id").take(take), rows.column("embedding").take(take),
+             assigned.column("buckets").take(take)], names=ROUTED_SCHEMA.names)
+
+    return route_batch
+
+
+def route_ids(plan: SearchPlan, width: int, seed: int) -> Callable[[np.ndarray, pa.Array],
+                                                                  tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``router``'s routing alone: from row ids and their bucket slots (ASSIGNED_SCHEMA's binary
+    column) to (row index, task_id, side) of every copy a row sends to a search task."""
     bucket_ids = np.array([b for b, _ in plan.blocks], dtype=np.int64)
     block_counts = np.array([c for _, c in plan.blocks], dtype=np.int64)
     # Flat block index of (bucket, block) = first_block[bucket] + block; each flat block's routes
@@ -714,13 +730,12 @@ def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch,
     blocks_of = np.zeros_like(first_block)
     blocks_of[bucket_ids] = block_counts
 
-    def route_batch(rows: pa.RecordBatch, assigned: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
-        slots = binary_matrix(assigned.column("buckets"), width, "int32")
+    def route(row_ids: np.ndarray, buckets: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        slots = binary_matrix(buckets, width, "int32")
         row_index, bucket = joined_buckets(slots)
         # Its own hash stream (seed: training sample, seed + 1: recall probes), so blocks are not
         # correlated with which rows were sampled.
-        block = (kernels.sample_hash(rows.column("row_id").to_numpy()[row_index], seed + 2)
-                 * blocks_of[bucket]).astype(np.int64)
+        block = (kernels.sample_hash(row_ids[row_index], seed + 2) * blocks_of[bucket]).astype(np.int64)
         flat_block = first_block[bucket] + block
         copies = route_start[flat_block + 1] - route_start[flat_block]
         source = np.repeat(np.arange(len(flat_block)), copies)
@@ -730,10 +745,14 @@ def router(plan: SearchPlan, width: int, seed: int) -> Callable[[pa.RecordBatch,
         source_row = row_index[source]
         # One copy per (row, task, side): a pack's buckets share the task.
         once = np.unique((source_row * plan.tasks + route_task[chosen]) * 2 + route_side[chosen], return_index=True)[1]
-        take = pa.array(source_row[once])
-        yield pa.RecordBatch.from_arrays(
-            [pa.array(route_task[chosen[once]]), pa.array(route_side[chosen[once]]),
-             rows.column("row_id").take(take), rows.column("embedding").take(take), assigned.column("buckets").take(take)],
-            names=ROUTED_SCHEMA.names)
+        return source_row[once], route_task[chosen[once]], route_side[chosen[once]]
 
-    return route_batch
+    return route
+
+
+def index_tasks(plan: SearchPlan) -> set[int]:
+    """The search tasks that hold each of their rows once and on side 0: every pack and every split
+    bucket's diagonal task, not the pairs of two blocks. Together they hold each row once per task
+    of a bucket it joined: the corpus index's files (``index.py``)."""
+    paired = {task for _, _, task, side in plan.routes if side == 1}
+    return set(range(plan.tasks)) - paired

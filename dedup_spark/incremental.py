@@ -6,7 +6,7 @@ run reads only its new input, and:
 - reuses the reference's model (``model/``: no training) and assigns only the new rows with it;
 - searches the new rows among themselves (the usual search stage) and against the corpus's kept
   rows in the buckets they share (``reference`` stage, below), reading the corpus index
-  (``index/``, see ``index.py``) once, one range of buckets per task;
+  (``index/``, see ``index.py``) once, one index file per task;
 - never changes the reference: corpus rows keep their published groups. A new row connected
   (through new rows or directly) to kept corpus rows is removed and joins the published group of
   smallest ``group_id`` among them; new rows that duplicate only each other form new groups under
@@ -38,7 +38,7 @@ from pyspark.sql import types as T
 from dedup_spark import bucket, estimate, group, kernels, read, report, search, session, storage, tables
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.errors import InputError
-from dedup_spark.index import MANIFEST, range_file
+from dedup_spark.index import MANIFEST, read_file
 from dedup_spark.publish import SUCCESS
 from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import binary_matrix
@@ -57,7 +57,7 @@ LINKS_SCHEMA = T.StructType([
     T.StructField("embedding", T.BinaryType(), True),  # the corpus row's, on level-0 links
 ])
 _ROUTED = T.StructType([
-    T.StructField("range", T.IntegerType(), False),
+    T.StructField("file", T.IntegerType(), False),
     T.StructField("row_id", T.LongType(), False),
     T.StructField("buckets", T.BinaryType(), False),
     T.StructField("embedding", T.BinaryType(), False),
@@ -99,20 +99,13 @@ class Reference:
                  else storage.join(self.uri, "index", s["uri"])} for s in self.manifest["segments"]]
 
     @property
-    def buckets_per_range(self) -> int:
-        return int(self.manifest["buckets_per_range"])
-
-    @property
     def row_id_max(self) -> int:
         value = self.manifest.get("row_id_max")
         return -1 if value is None else int(value)
 
-    def range_files(self, range_id: int) -> list[str]:
-        return [storage.join(s["uri"], range_file(range_id)) for s in self.segments
-                if str(range_id) in s.get("ranges", {})]
-
-    def ranges(self) -> list[int]:
-        return sorted({int(r) for s in self.segments for r in s.get("ranges", {})})
+    def files(self) -> list[tuple[str, dict]]:
+        """Every index file of the chain: (its segment's location, its manifest entry)."""
+        return [(segment["uri"], entry) for segment in self.segments for entry in segment["files"]]
 
 
 def check_settings(reference: Reference, config: JobConfig) -> None:
@@ -174,15 +167,14 @@ def _ids_run(ctx: RunContext) -> dict:
 
 
 def _corpus_ids(ctx: RunContext) -> DataFrame:
-    """Every id the corpus has used: its kept rows (the index) and each run's removed and rejected rows."""
+    """Every id the corpus has used: the index files hold each run's valid rows, and each run's
+    rejected/ the rest."""
     spark = ctx.spark
-    files = [uri for segment in ctx.reference.segments for uri in storage.list_files(segment["uri"])
-             if uri.endswith(".parquet")]
+    files = [storage.join(segment, search.index_file(entry["task"])) for segment, entry in ctx.reference.files()]
     ids = [_parquet_ids(spark, files)] if files else []
     for segment in ctx.reference.segments:
         output = segment["uri"].rsplit("/index/", 1)[0]
-        for table in ("duplicates", "rejected"):
-            ids.append(tables.read_table(spark, storage.join(output, table), ["row_id"]))
+        ids.append(tables.read_table(spark, storage.join(output, "rejected"), ["row_id"]))
     frame = ids[0]
     for more in ids[1:]:
         frame = frame.unionByName(more)
@@ -217,19 +209,18 @@ def _reference_run(ctx: RunContext) -> dict:
     from dedup_spark.assign import probing
 
     spark, work, model, reference = ctx.spark, ctx.work, ctx.model, ctx.reference
-    per_range = reference.buckets_per_range
-    routed = read.map_valid_rows_beside(spark, work.rows, work.assigned, _to_ranges(model.width, per_range), _ROUTED)
-    # One empty row per corpus range, so every range is read once: the probes meet every corpus row.
-    sentinels = spark.createDataFrame([(r, -1, b"", b"") for r in reference.ranges()], _ROUTED)
+    files = reference.files()
+    routed = read.map_valid_rows_beside(spark, work.rows, work.assigned, _to_files(model.width, files), _ROUTED)
+    # One empty row per index file, so every file is read once: the probes meet every corpus row.
+    sentinels = spark.createDataFrame([(f, -1, b"", b"") for f in range(len(files))], _ROUTED)
     probe_ids, probe_matrix = np.zeros(0, np.int64), np.zeros((0, ctx.dim), np.float16)
     if probing(ctx):
         probe_ids, probe_matrix = estimate.probes(spark, work.rows, ctx.config.estimate.sample_rows, ctx.valid_rows,
                                                   ctx.dim, ctx.config.bucketing.seed,
                                                   read.StoredSample.from_dict(ctx.results["read"]["sample"]))
-    ranges = max(1, len(reference.ranges()))
     links = tables.stream_groups(
-        routed.unionByName(sentinels), "range", ["row_id"], min(ranges, 4 * spark.sparkContext.defaultParallelism),
-        _against_corpus(reference, ctx.dim, model.width, per_range, ctx.thresholds, ctx.config.search.query_block_rows,
+        routed.unionByName(sentinels), "file", ["row_id"], min(max(1, len(files)), 4 * spark.sparkContext.defaultParallelism),
+        _against_corpus(files, ctx.dim, model.width, ctx.thresholds, ctx.config.search.query_block_rows,
                         bucket.task_memory_bytes(spark) // 4, probe_ids, probe_matrix),
         LINKS_SCHEMA, by_id=True)
     info = tables.write_table(links, work.reference_links)
@@ -238,20 +229,29 @@ def _reference_run(ctx: RunContext) -> dict:
                                                                                "level"), len(ctx.thresholds))
     return {"rows": info.rows, "pair_counts": stats.pair_counts, "histogram": stats.histogram,
             "forest_edges": stats.forest_edges, "kernel_task_seconds": round(stats.kernel_seconds, 3),
-            "corpus_rows_read": stats.task_rows, "ranges": ranges,
-            "note": f"{stats.pair_counts[0]} pairs with corpus rows, {stats.task_rows} corpus entries read "
-                    f"from {ranges} ranges, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
+            "corpus_rows_read": stats.task_rows, "files": len(files),
+            "note": f"{stats.pair_counts[0]} pairs with corpus rows, {stats.task_rows} kept corpus rows read "
+                    f"from {len(files)} index files, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
 
 
 REFERENCE_STAGE = Stage("reference", _reference_settings, _reference_run)
 
 
-def _to_ranges(width: int, per_range: int):
-    """New rows to the ranges their buckets fall in: one routed row per (row, range)."""
+def _to_files(width: int, files: list[tuple[str, dict]]):
+    """New rows to the index files holding the buckets they joined: one routed row per (row, file)."""
+    pairs = [(bucket_id, number) for number, (_, entry) in enumerate(files) for bucket_id in entry["buckets"]]
+    by_bucket = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
     def route(rows: pa.RecordBatch, assigned: pa.RecordBatch) -> Iterator[pa.RecordBatch]:
         slots = binary_matrix(assigned.column("buckets"), width, "int32")
         row, joined = bucket.joined_buckets(slots)
-        pairs = np.unique(np.stack([row, joined // per_range], axis=1), axis=0) if row.size else np.zeros((0, 2), int)
+        lo = np.searchsorted(by_bucket[:, 0], joined)
+        hi = np.searchsorted(by_bucket[:, 0], joined, side="right")
+        counts = hi - lo
+        source = np.repeat(np.arange(len(row)), counts)
+        at = np.repeat(lo, counts) + (np.arange(len(source)) - np.repeat(np.cumsum(counts) - counts, counts))
+        pairs = np.unique(np.stack([row[source], by_bucket[at, 1]], axis=1), axis=0) if len(source) else \
+            np.zeros((0, 2), np.int64)
         take = pa.array(pairs[:, 0])
         yield pa.RecordBatch.from_arrays(
             [pa.array(pairs[:, 1].astype(np.int32)), rows.column("row_id").take(take),
@@ -260,48 +260,33 @@ def _to_ranges(width: int, per_range: int):
     return route
 
 
-def _read_range(reference: Reference, range_id: int) -> pa.Table | None:
-    parts = []
-    for uri in reference.range_files(range_id):
-        with storage.open_input(uri) as handle:
-            parts.append(pq.read_table(handle))
-    if not parts:
-        return None
-    corpus = pa.concat_tables(parts)
-    return corpus.take(pa.array(np.argsort(corpus.column("bucket_id").to_numpy(), kind="stable"))).combine_chunks()
+def _against_corpus(files: list[tuple[str, dict]], dim: int, width: int, thresholds: list[float], block_rows: int,
+                    memory: int, probe_ids: np.ndarray, probes: np.ndarray):
+    """The stream handler of one index file: its new rows against the file's kept corpus rows of
+    each bucket both joined (a bipartite search: new x corpus only), and the file's kept corpus rows
+    against the probes."""
 
-
-def _against_corpus(reference: Reference, dim: int, width: int, per_range: int, thresholds: list[float],
-                    block_rows: int, memory: int, probe_ids: np.ndarray, probes: np.ndarray):
-    """The stream handler of one range: its new rows against the corpus rows of each bucket they
-    joined (a bipartite search: new x corpus only), and every corpus row against the probes once
-    (in its first bucket)."""
-
-    def handle(range_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
-        corpus = _read_range(reference, int(range_id))
+    def handle(file_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
+        segment, entry = files[int(file_id)]
+        corpus = read_file(segment, entry)
         rows = rows.filter(pc.greater(pc.binary_length(rows.column("buckets")), 0))
-        if corpus is None:
-            return
         corpus_ids = corpus.column("row_id").to_numpy()
-        corpus_buckets = corpus.column("bucket_id").to_numpy()
         corpus_emb = binary_matrix(corpus.column("embedding"), dim)
         corpus_slots = binary_matrix(corpus.column("buckets"), width, "int32")
         groups, sizes = corpus.column("group_id").to_numpy(), corpus.column("group_size").to_numpy()
+        embeddings = corpus.column("embedding").combine_chunks()
         counters = _Counters(len(thresholds))
         if rows.num_rows:
             new_ids = rows.column("row_id").to_numpy()
             new_emb = binary_matrix(rows.column("embedding"), dim)
             new_slots = binary_matrix(rows.column("buckets"), width, "int32")
-            member, joined = bucket.joined_buckets(new_slots)
-            inside = joined // per_range == int(range_id)
-            member, joined = member[inside], joined[inside]
-            for bucket_id in np.unique(joined):
-                lo, hi = np.searchsorted(corpus_buckets, bucket_id), np.searchsorted(corpus_buckets, bucket_id, "right")
-                if lo == hi:
+            for bucket_id in np.intersect1d(entry["buckets"], np.unique(new_slots)):
+                new_rows = np.flatnonzero((new_slots == bucket_id).any(axis=1))
+                old_rows = np.flatnonzero((corpus_slots == bucket_id).any(axis=1))
+                if not len(new_rows) or not len(old_rows):
                     continue
-                new_rows = member[joined == bucket_id]
-                points = np.concatenate([new_emb[new_rows], corpus_emb[lo:hi]])
-                owners = np.concatenate([new_slots[new_rows], corpus_slots[lo:hi]])
+                points = np.concatenate([new_emb[new_rows], corpus_emb[old_rows]])
+                owners = np.concatenate([new_slots[new_rows], corpus_slots[old_rows]])
                 started = time.perf_counter()
                 found = kernels.graph_search(points, np.arange(len(new_rows)), np.arange(len(new_rows), len(points)),
                                              thresholds, block_rows, memory, owners, int(bucket_id),
@@ -309,15 +294,12 @@ def _against_corpus(reference: Reference, dim: int, width: int, per_range: int, 
                 counters.add(found, time.perf_counter() - started)
                 for level, (a, b, similarity) in enumerate(found.forests):
                     new_at, corpus_at = np.where(a < len(new_rows), a, b), np.where(a < len(new_rows), b, a)
-                    taken = lo + corpus_at - len(new_rows)
+                    taken = old_rows[corpus_at - len(new_rows)]
                     yield _links(new_ids[new_rows[new_at]], corpus_ids[taken], groups[taken], sizes[taken],
-                                 similarity, level, corpus.column("embedding").chunk(0).take(pa.array(taken))
-                                 if level == 0 else None)
-        if len(probe_ids):
-            primary = np.flatnonzero(corpus_slots[:, 0] == corpus_buckets)
-            for i, j, similarity in kernels.search_pairs(probes, corpus_emb[primary], thresholds[0]):
-                yield _links(probe_ids[i], corpus_ids[primary[j]], groups[primary[j]], sizes[primary[j]], similarity,
-                             PROBE, None)
+                                 similarity, level, embeddings.take(pa.array(taken)) if level == 0 else None)
+        if len(probe_ids) and len(corpus_ids):
+            for i, j, similarity in kernels.search_pairs(probes, corpus_emb, thresholds[0]):
+                yield _links(probe_ids[i], corpus_ids[j], groups[j], sizes[j], similarity, PROBE, None)
         yield from counters.batches(len(corpus_ids))
 
     return handle
@@ -511,8 +493,9 @@ def _estimate_run(ctx: RunContext) -> dict:
                  .select(F.col("group_id").alias("joined")).distinct())
     joined = (duplicates.where(~F.col("is_kept")).join(published, duplicates["group_id"] == published["joined"])
               .select(F.col("row_id").alias("sample_row_id"), F.lit(1).cast("long").alias("closed")))
+    # A corpus row lies in an index file per search task of its buckets: each of its pairs once.
     with_corpus = (corpus_pairs.select(F.col("row_id_a").alias("sample_row_id"), F.col("row_id_b").alias("row_id"))
-                   .join(joined, "sample_row_id", "left")
+                   .distinct().join(joined, "sample_row_id", "left")
                    .select("sample_row_id", "row_id", F.coalesce("closed", F.lit(0)).cast("long").alias("closed")))
     sampled = ctx.results["assign"]["probe_rows"]
     result = estimate.summarise(new_pairs.unionByName(with_corpus), sampled, None)
@@ -559,6 +542,6 @@ def reference_report(ctx: RunContext) -> dict:
     return {"uri": ctx.reference.uri, "segments": len(ctx.reference.segments),
             "corpus_rows": int(ctx.reference.manifest["rows"]), "row_id_max": ctx.reference.row_id_max,
             "pairs_with_corpus": searched["pair_counts"][0], "corpus_entries_read": searched["corpus_rows_read"],
-            "ranges_read": searched["ranges"], "kernel_task_seconds": searched["kernel_task_seconds"],
+            "index_files": searched["files"], "kernel_task_seconds": searched["kernel_task_seconds"],
             "rows_joined_to_corpus_groups": grouped["rows_joined_to_corpus"],
             "corpus_groups_joined": grouped["joined_corpus_groups"], "drift": drift(ctx)}

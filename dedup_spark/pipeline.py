@@ -57,7 +57,7 @@ INCREMENTAL_STAGES: tuple[Stage, ...] = (read.STAGE, incremental.IDS_STAGE, incr
                                          search.STAGE, incremental.REFERENCE_STAGE, incremental.GROUP_STAGE,
                                          incremental.ESTIMATE_STAGE, write.STAGE, index.STAGE)
 # Bump when a stage's output format or meaning changes, so old work is not reused.
-STAGE_FORMAT = 5
+STAGE_FORMAT = 6
 # What a run publishes under its output, at the top level.
 ENTRIES = ("dedup", "duplicates", "pairs", "rejected", "model", "index", "report.json", "report.html")
 

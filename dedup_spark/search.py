@@ -149,16 +149,44 @@ def _edges_batch(row_ids: np.ndarray, a: np.ndarray, b: np.ndarray, similarity: 
 
 def search(routed: DataFrame, dim: int, thresholds: list[float], block_rows: int, all_pairs: bool, partitions: int,
            block_memory: int, bucket_width: int, task_buckets: dict[int, list[int]],
-           fault_fraction: float = 0.0) -> DataFrame:
+           fault_fraction: float = 0.0, index: IndexFiles | None = None) -> DataFrame:
     """Edges (EDGES_SCHEMA) from every search task; a spanning edge found in several tasks may repeat.
-    ``task_buckets``: SearchPlan.task_buckets. Task t runs in partition t modulo ``partitions``."""
+    ``task_buckets``: SearchPlan.task_buckets. Task t runs in partition t modulo ``partitions``.
+    ``index``: the tasks that also write their rows as a file of the corpus index, and where."""
 
     def handle(task_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
         faults.maybe_fail("search", fault_fraction, task_id)
         yield from search_task(rows, dim, thresholds, block_rows, all_pairs, block_memory,
                                task_buckets[int(task_id)], bucket_width)
+        if index is not None and int(task_id) in index.tasks:
+            index.write(int(task_id), rows)
 
     return stream_groups(routed, "task_id", ["side", "row_id"], partitions, handle, EDGES_SCHEMA, by_id=True)
+
+
+class IndexFiles(NamedTuple):
+    """Search tasks writing the rows they hold as the corpus index's files (``index.py``): the rows
+    are already gathered by bucket here, so the index costs their write, not a shuffle of its own."""
+
+    tasks: frozenset[int]  # ``bucket.index_tasks``: each row once per task of a bucket it joined
+    target: str  # the segment's directory
+    scratch: str  # per task attempt, so a failed or speculative attempt leaves no partial file
+
+    def write(self, task_id: int, rows: pa.Table) -> None:
+        import pyarrow.parquet as pq
+        from pyspark import TaskContext
+
+        context = TaskContext.get()
+        name = index_file(task_id)
+        attempt = f"{context.stageId()}-{context.attemptNumber()}" if context else "driver"
+        temporary = storage.join(self.scratch, f"index-{attempt}", name)
+        with storage.open_output(temporary) as sink:
+            pq.write_table(rows.select(["row_id", "buckets", "embedding"]), sink, row_group_size=16384)
+        storage.move(temporary, storage.join(self.target, name))
+
+
+def index_file(task_id: int) -> str:
+    return f"task-{task_id:06d}.parquet"
 
 
 def forest(edges: DataFrame, level: int = 0) -> DataFrame:
@@ -272,27 +300,36 @@ def _settings(ctx: RunContext) -> dict:
             "seed": ctx.config.bucketing.seed}
 
 
-def _run(ctx: RunContext) -> dict:
+def plan(ctx: RunContext) -> bucket.SearchPlan:
+    """The search plan (deterministic: the index stage recomputes it to find each row's files)."""
     from dedup_spark.assign import bucket_sizes
 
-    model, sizing, config = ctx.model, _sizing(ctx), ctx.config
-    plan = bucket.plan_search(bucket_sizes(ctx), sizing.cap, sizing.shared_rows, sizing.pack_rows, sizing.pack_tasks,
-                              bucket.pair_width(model) <= 2)
-    routed = map_valid_rows_beside(ctx.spark, ctx.work.rows, ctx.work.assigned,
-                                   bucket.router(plan, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
+    sizing = _sizing(ctx)
+    return bucket.plan_search(bucket_sizes(ctx), sizing.cap, sizing.shared_rows, sizing.pack_rows, sizing.pack_tasks,
+                              bucket.pair_width(ctx.model) <= 2)
+
+
+def _run(ctx: RunContext) -> dict:
+    model, sizing, config, work = ctx.model, _sizing(ctx), ctx.config, ctx.work
+    searched = plan(ctx)
+    routed = map_valid_rows_beside(ctx.spark, work.rows, work.assigned,
+                                   bucket.router(searched, model.width, config.bucketing.seed), bucket.ROUTED_SCHEMA)
+    storage.delete_tree(work.index_segment)
+    index = IndexFiles(frozenset(bucket.index_tasks(searched)), work.index_segment, work.scratch)
     edges = search(routed, ctx.dim, ctx.thresholds, config.search.query_block_rows, ctx.all_pairs,
-                   min(plan.tasks, sizing.partitions), sizing.task_memory // 2, model.width, plan.task_buckets,
-                   faults.active().task_fraction)
-    info = tables.write_table(edges, ctx.work.edges)
-    stats = search_stats(tables.read_table(ctx.spark, ctx.work.edges), len(ctx.thresholds))
-    return {"rows": info.rows, "tasks": plan.tasks, "split_buckets": plan.split_buckets,
+                   min(searched.tasks, sizing.partitions), sizing.task_memory // 2, model.width, searched.task_buckets,
+                   faults.active().task_fraction, index)
+    info = tables.write_table(edges, work.edges)
+    stats = search_stats(tables.read_table(ctx.spark, work.edges), len(ctx.thresholds))
+    return {"rows": info.rows, "tasks": searched.tasks, "split_buckets": searched.split_buckets,
             "routed_rows": stats.task_rows,
-            "packed_buckets": sum(len(b) for b in plan.task_buckets.values() if len(b) > 1),
-            "comparisons": plan.comparisons, "largest_task_rows": plan.largest_task_rows, "max_task_rows": sizing.cap,
+            "packed_buckets": sum(len(b) for b in searched.task_buckets.values() if len(b) > 1),
+            "comparisons": searched.comparisons, "largest_task_rows": searched.largest_task_rows,
+            "max_task_rows": sizing.cap,
             "pair_counts": stats.pair_counts, "histogram": stats.histogram, "forest_edges": stats.forest_edges,
             "kernel_task_seconds": round(stats.kernel_seconds, 3), "comparisons_done": stats.comparisons_done,
             "comparisons_all_pairs": stats.comparisons_all_pairs, "rows_attached": stats.rows_attached,
-            "note": f"{stats.pair_counts[0]} pairs, {plan.tasks} tasks, {plan.split_buckets} split buckets, "
+            "note": f"{stats.pair_counts[0]} pairs, {searched.tasks} tasks, {searched.split_buckets} split buckets, "
                     f"{stats.task_rows} rows shuffled for {ctx.results['assign']['rows']} bucket joins, "
                     f"cap {sizing.cap}, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
 

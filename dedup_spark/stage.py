@@ -61,7 +61,7 @@ _WORK_TABLES = {
 # Outputs, under the work prefix's publish/ (the output's layout).
 _STAGED = {
     "rejected": "rejected", "model": "model", "duplicates": "duplicates", "pairs": "pairs", "dedup": "dedup",
-    "index": "index", "report_json": "report.json", "report_html": "report.html",
+    "index": "index", "index_segment": "index/segment", "report_json": "report.json", "report_html": "report.html",
 }
 
 

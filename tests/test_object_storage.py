@@ -14,7 +14,9 @@ import urllib.request
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_sample
@@ -360,3 +362,63 @@ def test_a_claim_on_s3_is_created_exclusively_and_released(s3_endpoint, monkeypa
         assert not local.exists() and storage.read_bytes(f"{location}/from-local.bin") == b"local bytes"
     finally:
         storage._filesystem.cache_clear()
+
+
+def test_incremental_runs_on_s3_chain_and_refuse_colliding_ids_and_unpublished_references(s3_endpoint, tmp_path):
+    """A corpus with an id column published to S3, new rows against it with --reference (their result
+    equal to the oracle over the kept corpus and the new rows), the corpus's own ids again (a
+    one-line error), and a reference without _SUCCESS (a one-line error before Spark starts)."""
+    from test_incremental import _oracle
+
+    from dedup_spark.sample import Sample, SampleSpec, generate, write
+
+    env, client = s3_endpoint
+    sample = generate(SampleSpec(rows=900, dim=24, seed=24))
+    stored = normalize(sample.embeddings)
+    for name, rows in (("ids-a", slice(0, 600)), ("ids-b", slice(600, 900))):
+        part = Sample(sample.embeddings[rows], sample.planted_group[rows], sample.topic[rows], sample.captions[rows],
+                      sample.widths[rows], sample.heights[rows], sample.spec)
+        write(part, tmp_path / name, "parquet", shard_rows=300, id_column="photo_id")
+        for path in (tmp_path / name).glob("*.parquet"):
+            if name == "ids-b":  # ids of their own: the writer numbers every part's rows from 1000
+                table = pq.read_table(path)
+                column = table.schema.get_field_index("photo_id")
+                pq.write_table(table.set_column(column, "photo_id", pc.add(table.column("photo_id"), 100_000)),
+                               path)
+            client.upload_file(str(path), BUCKET, f"{name}/{path.name}")
+    common = ["--set", "input.id_column=photo_id", "--set", "bucketing.k=1", "--set", "captions.column=null"]
+    dedup = str(REPO / "jobs" / "dedup.py")
+    first = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-a", "--output", f"s3://{BUCKET}/chain/a", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    step = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-b", "--output", f"s3://{BUCKET}/chain/b",
+                  "--reference", f"s3://{BUCKET}/chain/a", *common)
+    assert step.returncode == 0, step.stderr[-3000:]
+    out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
+    download(client, "chain/a/", out_a)
+    download(client, "chain/b/", out_b)
+    ids = {name: np.concatenate([pq.read_table(f).column("photo_id").to_numpy()
+                                 for f in sorted((tmp_path / name).glob("*.parquet"), key=lambda p: int(p.stem[5:]))])
+           for name in ("ids-a", "ids-b")}
+    removed_a = {r for r, k in _table_rows(out_a / "duplicates", "row_id", "is_kept") if not k}
+    published = {r: g for r, g, k in _table_rows(out_a / "duplicates", "row_id", "group_id", "is_kept") if k}
+    corpus = {int(i): v for i, v in zip(ids["ids-a"], stored[:600]) if int(i) not in removed_a}
+    expected = _oracle(corpus, published, {int(i): v for i, v in zip(ids["ids-b"], stored[600:])})
+    found = {r: (not k, g) for r, g, k in _table_rows(out_b / "duplicates", "row_id", "group_id", "is_kept")}
+    assert found == expected and any(group in corpus for _, group in expected.values())
+    manifest = json.loads((out_b / "index" / "manifest.json").read_text())
+    assert manifest["segments"][0]["uri"].startswith(f"s3://{BUCKET}/chain/a/index/") and len(manifest["segments"]) == 2
+    again = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-a", "--output", f"s3://{BUCKET}/chain/again",
+                   "--reference", f"s3://{BUCKET}/chain/a", *common)
+    # spark-submit runs the driver with its stderr merged into stdout.
+    lines = [line for line in again.stdout.splitlines() if line.startswith("dedup.py: ")]
+    assert again.returncode == 2 and len(lines) == 1 and "already has" in lines[0], again.stdout[-3000:]
+    unpublished = subprocess.run([sys.executable, dedup, "--input", f"s3://{BUCKET}/ids-b", "--output",
+                                  f"s3://{BUCKET}/chain/c", "--reference", f"s3://{BUCKET}/ids-a", *common],
+                                 capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    lines = unpublished.stderr.strip().splitlines()
+    assert unpublished.returncode == 2 and len(lines) == 1 and "not a published output" in lines[0], lines
+
+
+def _table_rows(directory: Path, *columns: str) -> list[tuple]:
+    table = pq.read_table(sorted(directory.glob("part-*.parquet")), columns=list(columns))
+    return list(zip(*(table.column(name).to_pylist() for name in columns)))
