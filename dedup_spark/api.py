@@ -97,6 +97,9 @@ def deduplicate(df: DataFrame, *, embedding_col: str = "embedding", id_col: str 
     """
     spark = df.sparkSession
     config = _settings(config or JobConfig(), threshold, settings)
+    if config.input.reference:
+        raise ConfigError("deduplicate() runs on the DataFrame alone; an incremental run against a published "
+                          "output is the files job's (pipeline.run, or jobs/dedup.py --table/--input with --reference)")
     root, owned = _work_root(spark, work_dir or config.run.work_dir)
     run_root = storage.join(root, f"run-{uuid.uuid4().hex[:12]}")
     try:

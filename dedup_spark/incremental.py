@@ -21,6 +21,8 @@ and a drift warning) and the recall self-estimate samples new rows against corpu
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -38,7 +40,7 @@ from pyspark.sql import types as T
 from dedup_spark import bucket, estimate, group, kernels, read, report, search, session, storage, tables
 from dedup_spark.config import ConfigError, JobConfig
 from dedup_spark.errors import InputError
-from dedup_spark.index import MANIFEST, read_file
+from dedup_spark.index import FORMAT, MANIFEST, chain_group_sizes, read_file
 from dedup_spark.publish import SUCCESS
 from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import binary_matrix
@@ -77,12 +79,32 @@ class Reference:
 
     @classmethod
     def open(cls, uri: str) -> Reference:
+        # Absolute, so the manifest this run publishes names the chain's segments from anywhere
+        # (a later run, another working directory, an executor).
+        uri = storage.absolute(uri)
         if not storage.exists(storage.join(uri, SUCCESS)):
             raise InputError(f"reference {uri} is not a published output of this job (no _SUCCESS)")
         manifest_uri = storage.join(uri, "index", MANIFEST)
         if not storage.exists(manifest_uri):
             raise InputError(f"reference {uri} has no index/ (index/{MANIFEST}); run it again to publish one")
-        return cls(uri.rstrip("/"), storage.read_json(manifest_uri))
+        manifest = storage.read_json(manifest_uri)
+        if manifest.get("format") != FORMAT:
+            raise InputError(f"reference {uri} has an index of format {manifest.get('format')}, this job reads "
+                             f"format {FORMAT}: run the reference again (or run without --reference)")
+        return cls(uri.rstrip("/"), manifest)
+
+    @property
+    def digest(self) -> str:
+        """The manifest's content: stage keys follow it, so a reference republished at the same
+        location is never mistaken for the one an interrupted run started from."""
+        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def outputs(self) -> list[str]:
+        """Every published output of the chain (the outputs holding its segments): none may be
+        this run's output, whose publish would replace a segment later runs read."""
+        roots = [s["uri"].rsplit("/index/", 1)[0] for s in self.segments]
+        return list(dict.fromkeys([*roots, self.uri]))
 
     @property
     def manifest_uri(self) -> str:
@@ -126,7 +148,7 @@ def check_settings(reference: Reference, config: JobConfig) -> None:
 # The model stage: the reference's, copied (it is small), never retrained --------------------------
 
 def _model_settings(ctx: RunContext) -> dict:
-    return {"reference": ctx.reference.manifest_uri, "model_id": ctx.reference.manifest["model_id"]}
+    return {"reference": ctx.reference.digest, "model_id": ctx.reference.manifest["model_id"]}
 
 
 def _model_run(ctx: RunContext) -> dict:
@@ -150,7 +172,7 @@ MODEL_STAGE = Stage("train", _model_settings, _model_run)
 # The ids stage: new ids must not collide with the corpus's ------------------------------------
 
 def _ids_settings(ctx: RunContext) -> dict:
-    return {"reference": ctx.reference.manifest_uri}
+    return {"reference": ctx.reference.digest}
 
 
 def _ids_run(ctx: RunContext) -> dict:
@@ -200,7 +222,7 @@ IDS_STAGE = Stage("ids", _ids_settings, _ids_run)
 def _reference_settings(ctx: RunContext) -> dict:
     from dedup_spark.assign import probing
 
-    return {"reference": ctx.reference.manifest_uri, "thresholds": ctx.thresholds,
+    return {"reference": ctx.reference.digest, "thresholds": ctx.thresholds,
             "query_block_rows": ctx.config.search.query_block_rows,
             "probes": ctx.config.estimate.sample_rows if probing(ctx) else 0}
 
@@ -358,8 +380,11 @@ def _group_run(ctx: RunContext) -> dict:
     count = ctx.results["search"]["forest_edges"][0] + ctx.results["reference"]["forest_edges"][0]
     members, cc_stats = group.connected_components(graph, config, count)
     step.done("connected components")
-    corpus = (links.where(F.col("level") == 0).select(F.col("row_id_b").alias("row_id"), "group_id", "group_size",
+    linked = (links.where(F.col("level") == 0).select(F.col("row_id_b").alias("row_id"), "group_id", "group_size",
                                                        "embedding").dropDuplicates(["row_id"]))
+    corpus = linked.join(chain_group_sizes(spark, ctx.reference.files()), "group_id", "left").select(
+        "row_id", "group_id", F.greatest("group_size", F.coalesce("chain_size", "group_size")).alias("group_size"),
+        "embedding")
     duplicates = _duplicates(ctx, members, corpus, cc_stats["members"])
     info = tables.write_table(read.with_keys(ctx, duplicates), work.duplicates)
     step.done("duplicates/ of the new rows")

@@ -12,8 +12,9 @@ stored by the search task that searched them, with which rows were kept and thei
 
 The search already gathers rows by bucket, so its tasks write the files (``search.IndexFiles``):
 a pack of neighbouring buckets, or one block of a split bucket; a row is stored once per task of
-a bucket it joined, and the manifest lists each file's buckets, so an incremental task reads only
-the files of the buckets it searches. This stage adds the members files and the manifest. A run's
+a bucket it joined, and the manifest lists each file's buckets, so an incremental run's task for a
+file reads that file alone, once (every file is read once: the recall probes meet every corpus row).
+This stage adds the members files and the manifest. A run's
 own segment is named relative to its manifest; an incremental run lists its reference's segments
 by their absolute location, then its own: nothing is copied, so a daily schedule is a chain of
 outputs, each complete.
@@ -29,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import bucket, search, storage, tables
@@ -51,7 +53,7 @@ def members_file(task_id: int) -> str:
 
 
 def _settings(ctx: RunContext) -> dict:
-    return {"reference": None if ctx.reference is None else ctx.reference.manifest_uri}
+    return {"reference": None if ctx.reference is None else ctx.reference.digest}
 
 
 def _run(ctx: RunContext) -> dict:
@@ -94,7 +96,7 @@ def _member_files(ctx: RunContext, searched: bucket.SearchPlan, writers: set[int
     # Up to what group.py broadcasts, the members are looked up in the tasks reading the assign table,
     # so only their routes are shuffled; beyond, every row's routes meet them in a join.
     if ctx.results["group"]["rows"] <= BROADCAST_MEMBERS:
-        ids = np.sort(np.array([r["row_id"] for r in members.select("row_id").collect()], dtype=np.int64))
+        ids = np.sort(members.select("row_id").toArrow().column("row_id").to_numpy())
         lookup = ctx.spark.sparkContext.broadcast(ids)
 
     def locate(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
@@ -145,6 +147,29 @@ def _manifest(ctx: RunContext, kept: int, files: list[dict]) -> dict:
 
 
 STAGE = Stage("index", _settings, _run)
+
+
+_SIZES_SCHEMA = T.StructType([T.StructField("group_id", T.LongType(), True),
+                              T.StructField("chain_size", T.LongType(), True)])
+_SIZES_ARROW = pa.schema([("group_id", pa.int64()), ("chain_size", pa.int64())])
+
+
+def chain_group_sizes(spark, files: list[tuple[str, dict]]) -> DataFrame:
+    """``group_id, chain_size``: each group's size over the whole chain. A group's size is recorded
+    in the members files of the run that last added to it (an earlier segment keeps the size it
+    had when published), so the largest recorded size is the current one."""
+    uris = [storage.join(segment, members_file(entry["task"])) for segment, entry in files if entry.get("members")]
+
+    def sizes(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        for batch in batches:
+            for uri in batch.column(0).to_pylist():
+                with storage.open_input(uri) as handle:
+                    members = pq.read_table(handle, columns=["group_id", "group_size"])
+                yield from members.rename_columns(_SIZES_SCHEMA.names).cast(_SIZES_ARROW).to_batches()
+
+    listed = spark.createDataFrame([(uri,) for uri in uris] or [("",)], "uri string").where("uri != ''")
+    return (listed.repartition(max(1, min(len(uris), spark.sparkContext.defaultParallelism * 2)))
+            .mapInArrow(sizes, _SIZES_SCHEMA).groupBy("group_id").agg(F.max("chain_size").alias("chain_size")))
 
 
 def read_file(segment_uri: str, entry: dict) -> pa.Table:

@@ -134,18 +134,25 @@ def run(config: JobConfig, spark: SparkSession | None = None) -> dict[str, Any]:
         raise ConfigError("give --input or --table, not both")
     reference = incremental.Reference.open(config.input.reference) if config.input.reference else None
     inputs = [config.input.uri] if config.input.uri else []
-    check_locations(inputs + ([reference.uri] if reference else []), config.output.uri, config.work_uri,
+    check_locations(inputs + (reference.outputs if reference else []), config.output.uri, config.work_uri,
                     config.output.overwrite, ENTRIES)
     if reference is not None:
         incremental.check_settings(reference, config)
+        if config.input.table and not config.input.id_column:
+            raise ConfigError("an incremental run over a table needs input.id_column: an integer column whose "
+                              "ids stay the same across runs (generated row ids would collide with the corpus's)")
     first_row_id = reference.row_id_max + 1 if reference is not None and not config.input.id_column else 0
     with claim_for(config) as claim:
         manifest = read.build_manifest(config, first_row_id) if config.input.uri else None
         spark = spark or session.get_session(config, executor_env)
         work = Work(config.work_uri)
         if manifest is None:  # a catalog table: its rows are staged as parquet, then read as such
-            config = config.replace(frame.stage(spark.table(config.input.table), work.input_copy,
-                                                config.input.embedding_column, config.input.id_column))
+            staged = frame.stage(spark.table(config.input.table), work.input_copy, config.input.embedding_column,
+                                 config.input.id_column)
+            if reference is not None and staged["input.id_column"] != config.input.id_column:
+                raise ConfigError(f"input.id_column {config.input.id_column!r} of {config.input.table} is not an "
+                                  "integer column: an incremental run over a table needs integer ids")
+            config = config.replace(staged)
             manifest = read.build_manifest(config, first_row_id)
         ctx = RunContext(spark, config, manifest, work, claim, reference=reference)
         result, key = execute(ctx)

@@ -157,6 +157,14 @@ def join(base: str, *parts: str) -> str:
     return joined
 
 
+def absolute(uri: str) -> str:
+    """``uri`` with a relative local path made absolute (against this process's working directory);
+    other URIs as they are."""
+    if scheme(uri) != "file" or uri.startswith("file://"):
+        return uri
+    return os.path.abspath(uri)
+
+
 def canonical(uri: str) -> str:
     """A comparable form of a location: scheme plus its real path. Local paths have symlinks,
     ``..`` and ``file://`` resolved (``os.path.realpath``, for the part that exists); object-store

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"rows in: {counts['input_rows']:,}  duplicate groups: {result['groups']['count']:,}  "
           f"rows removed: {counts['removed_rows']:,}  rejected: {counts['rejected_rows']:,}  "
           f"seconds: {result['timings_seconds']['total']:.1f}")
-    print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, report.json, report.html)")
+    print(f"outputs: {config.output.uri} (dedup/, duplicates/, pairs/, rejected/, model/, index/, report.json, report.html)")
     return 0
 
 

@@ -154,3 +154,10 @@ def test_an_embedding_column_of_another_type_is_a_clear_error(spark):
     frame = spark.range(5).withColumn("embedding", F.lit("not a vector"))
     with pytest.raises(ValueError, match="expected an array of floats"):
         deduplicate(frame)
+
+
+def test_a_reference_is_refused_by_the_dataframe_call(spark):
+    """An incremental run is the files job's: deduplicate() says so instead of ignoring the setting."""
+    frame = spark.range(5).withColumn("embedding", F.array(F.lit(1.0), F.lit(0.0)))
+    with pytest.raises(ValueError, match="--reference"):
+        deduplicate(frame, input={"reference": "/some/published/output"})

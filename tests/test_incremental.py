@@ -128,14 +128,17 @@ def _checksums(out: Path) -> dict[str, str]:
             for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_earlier_output(spark, batches):
+def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_earlier_output(spark, batches,
+                                                                                           monkeypatch, capsys):
     directory, paths = batches
     out_a, out_b, out_c = directory / "out-A", directory / "out-B", directory / "out-C"
     stored = {name: _stored(path) for name, path in paths.items()}
     sizes = {name: len(vectors) for name, vectors in stored.items()}
     run_job(spark, paths["A"], out_a, **SETTINGS)
     before_a = _checksums(out_a)
-    report_b = run_job(spark, paths["B"], out_b, input__reference=str(out_a), **SETTINGS)
+    monkeypatch.chdir(directory)  # a relative reference: the chain still finds A's segment from C
+    report_b = run_job(spark, paths["B"], out_b, input__reference="out-A", **SETTINGS)
+    monkeypatch.undo()
 
     # B's ids continue after A's; A's kept rows and their published groups are the corpus.
     a_kept = _kept_ids(out_a, 0, sizes["A"])
@@ -164,12 +167,35 @@ def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_ear
     c_first = b_first + sizes["B"]
     expected_c = _oracle(corpus_c, groups_c, {c_first + i: v for i, v in enumerate(stored["C"])})
     assert _new_rows(out_c) == expected_c
+    # A group's size counts its rows over the whole chain: its members in every run's duplicates/,
+    # plus its kept corpus row where that row was alone until a later run joined it.
+    tables = [read_table(out / "duplicates").to_pylist() for out in (out_a, out_b, out_c)]
+    counts, has_kept = {}, set()
+    for row in (row for table in tables for row in table):
+        counts[row["group_id"]] = counts.get(row["group_id"], 0) + 1
+        if row["is_kept"]:
+            has_kept.add(row["group_id"])
+    group_sizes = {row["group_id"]: row["group_size"] for row in tables[2]}
+    assert group_sizes == {g: counts[g] + (g not in has_kept) for g in group_sizes}
+    assert any(g < b_first and any(r["group_id"] == g for r in tables[1]) for g in group_sizes), \
+        "some group of A grew in B and again in C"
     assert report_c["reference"]["segments"] == 2
     manifest = json.loads((out_c / "index" / "manifest.json").read_text())
     assert [s["rows"] for s in manifest["segments"]] == [len(a_kept), len(b_kept),
                                                          sizes["C"] - sum(r for r, _ in expected_c.values())]
     assert manifest["segments"][0]["uri"].startswith(str(out_a))
     assert _checksums(out_a) == before_a, "no run may rewrite an earlier output"
+    # Publishing over any output of the chain would replace a segment later runs read.
+    sys.path.insert(0, str(REPO / "jobs"))
+    import dedup as cli
+
+    capsys.readouterr()
+    for arguments in (["--input", str(paths["C"]), "--output", str(out_a), "--overwrite"],
+                      ["--table", "default.anything", "--output", str(directory / "out-T")]):
+        assert cli.main([*arguments, "--reference", str(out_c)]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and ("out-A" in lines[0] or "input.id_column" in lines[0]), lines
+    assert _checksums(out_a) == before_a
 
 
 def test_new_ids_colliding_with_the_corpus_and_a_reference_that_is_not_published_are_one_line_errors(
