@@ -16,7 +16,6 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from helpers import make_sample
@@ -364,56 +363,76 @@ def test_a_claim_on_s3_is_created_exclusively_and_released(s3_endpoint, monkeypa
         storage._filesystem.cache_clear()
 
 
-def test_incremental_runs_on_s3_chain_and_refuse_colliding_ids_and_unpublished_references(s3_endpoint, tmp_path):
-    """A corpus with an id column published to S3, new rows against it with --reference (their result
-    equal to the oracle over the kept corpus and the new rows), the corpus's own ids again (a
-    one-line error), and a reference without _SUCCESS (a one-line error before Spark starts)."""
+def _cli_runs(env: dict, runs: list[list[str]]) -> tuple[list[int], str]:
+    """``jobs/dedup.py`` runs one after another in one Python process (one JVM, local mode): their
+    exit codes, and stderr with each run's lines."""
+    script = (f"import sys; sys.path.insert(0, {str(REPO / 'jobs')!r}); import dedup\n"
+              f"for arguments in {runs!r}:\n"
+              "    print('EXIT', dedup.main(arguments), flush=True)\n")
+    full_env = {**os.environ, **env, "PYSPARK_PYTHON": sys.executable, "SPARK_LOCAL_IP": "127.0.0.1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full_env, timeout=900)
+    codes = [int(line.split()[1]) for line in done.stdout.splitlines() if line.startswith("EXIT ")]
+    assert len(codes) == len(runs), done.stdout[-3000:] + done.stderr[-3000:]
+    return codes, done.stderr
+
+
+def test_incremental_runs_on_s3_chain_and_refuse_colliding_ids_and_unpublished_references(
+        s3_endpoint, s3_sample, clean_s3_run, tmp_path):
+    """New rows (near-copies of corpus rows, copies among themselves, fresh rows) against the clean
+    run's S3 output: equal to the oracle over the kept corpus and the new rows, ids after the
+    corpus's, an index manifest chaining the reference's S3 segment, the reference untouched. Then a
+    corpus with an id column and its own ids again (a one-line error), and a reference without
+    _SUCCESS (a one-line error before Spark starts)."""
     from test_incremental import _oracle
 
-    from dedup_spark.sample import Sample, SampleSpec, generate, write
+    from dedup_spark.sample import SampleSpec, generate, write
 
     env, client = s3_endpoint
-    sample = generate(SampleSpec(rows=900, dim=24, seed=24))
-    stored = normalize(sample.embeddings)
-    for name, rows in (("ids-a", slice(0, 600)), ("ids-b", slice(600, 900))):
-        part = Sample(sample.embeddings[rows], sample.planted_group[rows], sample.topic[rows], sample.captions[rows],
-                      sample.widths[rows], sample.heights[rows], sample.spec)
-        write(part, tmp_path / name, "parquet", shard_rows=300, id_column="photo_id")
-        for path in (tmp_path / name).glob("*.parquet"):
-            if name == "ids-b":  # ids of their own: the writer numbers every part's rows from 1000
-                table = pq.read_table(path)
-                column = table.schema.get_field_index("photo_id")
-                pq.write_table(table.set_column(column, "photo_id", pc.add(table.column("photo_id"), 100_000)),
-                               path)
-            client.upload_file(str(path), BUCKET, f"{name}/{path.name}")
-    common = ["--set", "input.id_column=photo_id", "--set", "bucketing.k=1", "--set", "captions.column=null"]
-    dedup = str(REPO / "jobs" / "dedup.py")
-    first = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-a", "--output", f"s3://{BUCKET}/chain/a", *common)
-    assert first.returncode == 0, first.stderr[-3000:]
-    step = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-b", "--output", f"s3://{BUCKET}/chain/b",
-                  "--reference", f"s3://{BUCKET}/chain/a", *common)
-    assert step.returncode == 0, step.stderr[-3000:]
-    out_a, out_b = tmp_path / "out-a", tmp_path / "out-b"
-    download(client, "chain/a/", out_a)
-    download(client, "chain/b/", out_b)
-    ids = {name: np.concatenate([pq.read_table(f).column("photo_id").to_numpy()
-                                 for f in sorted((tmp_path / name).glob("*.parquet"), key=lambda p: int(p.stem[5:]))])
-           for name in ("ids-a", "ids-b")}
-    removed_a = {r for r, k in _table_rows(out_a / "duplicates", "row_id", "is_kept") if not k}
-    published = {r: g for r, g, k in _table_rows(out_a / "duplicates", "row_id", "group_id", "is_kept") if k}
-    corpus = {int(i): v for i, v in zip(ids["ids-a"], stored[:600]) if int(i) not in removed_a}
-    expected = _oracle(corpus, published, {int(i): v for i, v in zip(ids["ids-b"], stored[600:])})
-    found = {r: (not k, g) for r, g, k in _table_rows(out_b / "duplicates", "row_id", "group_id", "is_kept")}
-    assert found == expected and any(group in corpus for _, group in expected.values())
-    manifest = json.loads((out_b / "index" / "manifest.json").read_text())
-    assert manifest["segments"][0]["uri"].startswith(f"s3://{BUCKET}/chain/a/index/") and len(manifest["segments"]) == 2
-    again = submit(env, dedup, "--input", f"s3://{BUCKET}/ids-a", "--output", f"s3://{BUCKET}/chain/again",
-                   "--reference", f"s3://{BUCKET}/chain/a", *common)
-    # spark-submit runs the driver with its stderr merged into stdout.
-    lines = [line for line in again.stdout.splitlines() if line.startswith("dedup.py: ")]
-    assert again.returncode == 2 and len(lines) == 1 and "already has" in lines[0], again.stdout[-3000:]
-    unpublished = subprocess.run([sys.executable, dedup, "--input", f"s3://{BUCKET}/ids-b", "--output",
-                                  f"s3://{BUCKET}/chain/c", "--reference", f"s3://{BUCKET}/ids-a", *common],
+    rng = np.random.default_rng(25)
+    corpus_rows = len(s3_sample.embeddings)
+    copies = (s3_sample.embeddings[rng.choice(corpus_rows, 60, replace=False)].astype(np.float32)
+              + 0.02 * rng.standard_normal((60, 32)))
+    fresh = rng.standard_normal((140, 32))
+    new = np.concatenate([copies, fresh, fresh[:30] + 0.02 * rng.standard_normal((30, 32))]).astype(np.float16)
+    np.save(tmp_path / "part-0.npy", new)
+    client.upload_file(str(tmp_path / "part-0.npy"), BUCKET, "new/part-0.npy")
+    write(generate(SampleSpec(rows=600, dim=24, seed=24)), tmp_path / "ids", "parquet", shard_rows=300,
+          id_column="photo_id")
+    for path in (tmp_path / "ids").glob("*.parquet"):
+        client.upload_file(str(path), BUCKET, f"ids/{path.name}")
+    before = {item["Key"]: item["ETag"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/local/")["Contents"]}
+    ids = ["--set", "input.id_column=photo_id", "--set", "bucketing.k=1", "--set", "captions.column=null"]
+    codes, stderr = _cli_runs(env, [
+        ["--input", f"s3://{BUCKET}/new", "--output", f"s3://{BUCKET}/runs/step", "--reference",
+         f"s3://{BUCKET}/runs/local"],
+        ["--input", f"s3://{BUCKET}/ids", "--output", f"s3://{BUCKET}/chain/a", *ids],
+        ["--input", f"s3://{BUCKET}/ids", "--output", f"s3://{BUCKET}/chain/again", "--reference",
+         f"s3://{BUCKET}/chain/a", *ids]])
+    assert codes == [0, 0, 2], stderr[-5000:]
+    said = [line for line in stderr.splitlines() if line.startswith("dedup.py: ")]
+    assert len(said) == 1 and "already has" in said[0] and "photo_id" in said[0], said
+
+    out = tmp_path / "out"
+    download(client, "runs/step/", out)
+    reference = clean_s3_run[2]
+    removed = {r for r, k in _table_rows(reference / "duplicates", "row_id", "is_kept") if not k}
+    published = {r: g for r, g, k in _table_rows(reference / "duplicates", "row_id", "group_id", "is_kept") if k}
+    stored = normalize(s3_sample.embeddings)
+    corpus = {i: stored[i] for i in range(corpus_rows) if i not in removed}
+    expected = _oracle(corpus, published, {corpus_rows + i: v for i, v in enumerate(normalize(new))})
+    found = {r: (not k, g) for r, g, k in _table_rows(out / "duplicates", "row_id", "group_id", "is_kept")}
+    assert found == expected
+    assert sum(group < corpus_rows for _, group in expected.values()) >= 50, "copies join the corpus's groups"
+    assert sum(group >= corpus_rows for _, group in expected.values()) >= 50, "new rows form groups of their own"
+    manifest = json.loads((out / "index" / "manifest.json").read_text())
+    assert [s["uri"].startswith(f"s3://{BUCKET}/runs/local/index/") for s in manifest["segments"]] == [True, False]
+    report = json.loads((out / "report.json").read_text())
+    assert report["accounting"]["balanced"] and report["reference"]["uri"] == f"s3://{BUCKET}/runs/local"
+    after = {item["Key"]: item["ETag"] for item in client.list_objects_v2(Bucket=BUCKET, Prefix="runs/local/")["Contents"]}
+    assert after == before, "an incremental run never changes its reference"
+    assert_no_credentials([stderr], list(out.rglob("*.*")))
+    unpublished = subprocess.run([sys.executable, str(REPO / "jobs" / "dedup.py"), "--input", f"s3://{BUCKET}/new",
+                                  "--output", f"s3://{BUCKET}/runs/never", "--reference", f"s3://{BUCKET}/laion"],
                                  capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
     lines = unpublished.stderr.strip().splitlines()
     assert unpublished.returncode == 2 and len(lines) == 1 and "not a published output" in lines[0], lines
