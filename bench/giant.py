@@ -217,14 +217,41 @@ def main(args, spark) -> int:
 def group_alone(rows: np.ndarray) -> dict:
     """The group's rows (source and copies) searched as one task by the kernel, outside Spark: the
     comparisons the group itself costs, whatever buckets the job cut it into (its copies replace
-    ordinary rows, so the job's totals mix the group's cost with the rows it displaced)."""
+    ordinary rows, so the job's totals mix the group's cost with the rows it displaced), and whether
+    its closure is the exhaustive one (``closure_check``)."""
     from dedup_spark import kernels
 
     started = time.perf_counter()
     found = kernels.graph_search(rows, np.arange(len(rows)), None, [THRESHOLD], histogram_bins=1)
-    components = np.unique(kernels.components(len(rows), *found.forests[0][:2])).size
+    seconds = round(time.perf_counter() - started, 2)
+    edges = found.forests[0][:2]
+    labels = kernels.components(len(rows), *edges)
     return {"comparisons": int(found.comparisons), "all_pairs": int(found.all_pairs), "attached": int(found.attached),
-            "components": int(components), "seconds": round(time.perf_counter() - started, 2)}
+            "components": int(np.unique(labels).size), "seconds": seconds,
+            **closure_check(rows, labels, *edges)}
+
+
+def closure_check(rows: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  block_rows: int = 2048) -> dict:
+    """Exhaustively, without listing the pairs: every forest edge is a pair at or above the threshold
+    (so the components are never too large), and no pair at or above it joins two components (so
+    they are never too small). Products in float32 blocks; the few near the threshold are decided
+    like the search decides them, by ``kernels.exact_cosine`` in float64."""
+    from dedup_spark import kernels
+
+    edges_below = int((kernels.exact_cosine(rows[a], rows[b]) < THRESHOLD).sum())
+    unit = kernels.unit_float32(rows)
+    margin = 1e-4  # far above float32's rounding of a cosine
+    crossing = 0
+    for start in range(0, len(unit), block_rows):
+        scores = unit[start:start + block_rows] @ unit.T
+        across = (scores >= THRESHOLD - margin) & (labels[start:start + block_rows, None] != labels[None, :])
+        left, right = np.nonzero(across)
+        left += start
+        crossing += int((kernels.exact_cosine(rows[left], rows[right]) >= THRESHOLD).sum())
+    crossing //= 2  # each pair was seen from both of its rows
+    return {"closure_identical": edges_below == 0 and crossing == 0, "forest_edges_below_threshold": edges_below,
+            "pairs_across_components": crossing}
 
 
 def targets(runs: list[dict]) -> dict:
@@ -261,8 +288,9 @@ def markdown(result: dict) -> str:
              f"each moved along {directions}. See bench/giant.py for what the construction decides.", "",
              "| G | copies below t to source | seconds | search s | kernel task-s | rows/s/core | comparisons done | "
              "all pairs would cost | rows attached | largest bucket | exhaustive true pairs | closure recall | "
-             "rows in another component (planted) | largest group | the group alone: comparisons (all pairs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "rows in another component (planted) | largest group | the group alone: comparisons (all pairs) | "
+             "the group alone: closure identical to exhaustive |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run in result["runs"]:
         exhaustive = run.get("exhaustive") or {}
         lines.append(f"| {run['G']:,} | {run['copies_below_threshold_to_source']} | {run['seconds']} | "
@@ -272,8 +300,8 @@ def markdown(result: dict) -> str:
                      f"{exhaustive.get('closure_recall', run.get('recall_estimate'))} | "
                      f"{exhaustive.get('rows_in_another_component', '–')} "
                      f"({exhaustive.get('planted_rows_in_another_component', '–')}) | {run['largest_group']:,} | "
-                     + (f"{run['group_alone']['comparisons']:,} ({run['group_alone']['all_pairs']:,})"
-                        if run.get("group_alone") else "–") + " |")
+                     + (f"{run['group_alone']['comparisons']:,} ({run['group_alone']['all_pairs']:,}) | "
+                        f"{run['group_alone']['closure_identical']}" if run.get("group_alone") else "– | –") + " |")
     found = result["targets"]
     lines += ["", "| target | value |", "|---|---|"]
     for key, value in found.items():

@@ -162,7 +162,7 @@ def test_transient_s3_faults_leave_the_outputs_identical(s3_endpoint, s3_sample,
     from faultproxy import FaultProxy
 
     env, client = s3_endpoint
-    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.04, seed=5) as proxy:
+    with FaultProxy(env["AWS_ENDPOINT_URL"], fault_rate=0.02, seed=5) as proxy:
         result = submit({**env, "AWS_ENDPOINT_URL": proxy.url}, str(REPO / "jobs" / "dedup.py"),
                         "--input", f"s3://{BUCKET}/laion", "--output", f"s3://{BUCKET}/runs/faulty",
                         "--set", "bucketing.k=1", "--set", "output.pairs=all", master="local[2,4]")
