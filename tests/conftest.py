@@ -35,3 +35,16 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+
+
+# Files whose tests start JVMs of their own (spark-submit, a standalone cluster) or run long jobs go
+# first, so the two xdist workers (one file at a time each) do not end with one of them alone.
+_LONG_FILES = ("test_object_storage.py", "test_scale.py", "test_integrity.py", "test_publish_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item) -> int:
+        name = item.path.name
+        return _LONG_FILES.index(name) if name in _LONG_FILES else len(_LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file and among the rest is kept
