@@ -195,14 +195,22 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _read_claim(uri: str) -> dict[str, Any]:
-    try:
-        payload = storage.read_json(uri)
-    except FileNotFoundError:
-        return {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return {"run_id": "unreadable claim"}
-    return payload if isinstance(payload, dict) else {}
+def _read_claim(uri: str, attempts: int = 5) -> dict[str, Any]:
+    """The claim's content. A read that meets the holder's heartbeat rewriting it can come back torn
+    (a local file truncated before it is written; an S3 object whose size changed between the
+    reader's HEAD and its GET), so an unreadable claim is read again before it counts as one."""
+    for attempt in range(attempts):
+        try:
+            payload = storage.read_json(uri)
+        except FileNotFoundError:
+            return {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            if attempt + 1 < attempts:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            return {"run_id": "unreadable claim"}
+        return payload if isinstance(payload, dict) else {}
+    return {}
 
 
 def _holder_dead(holder: dict[str, Any], timeout: float) -> str | None:

@@ -18,6 +18,7 @@ import posixpath
 import random
 import re
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -223,12 +224,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, payload: bytes) -> None:
+    """``payload`` as the file ``uri``, replaced whole: a reader sees the old bytes or the new ones,
+    never a truncated file (an S3 PUT is atomic; a local file is written beside it and renamed)."""
     filesystem, path = resolve(uri)
 
     def write() -> None:
         filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with filesystem.open_output_stream(path) as stream:
+        local = isinstance(filesystem, pafs.LocalFileSystem)
+        target = f"{path}.{uuid.uuid4().hex[:8]}.tmp" if local else path
+        with filesystem.open_output_stream(target) as stream:
             stream.write(payload)
+        if local:
+            os.replace(target, path)
 
     retrying(write, uri=uri)
 

@@ -393,3 +393,27 @@ def test_audit_queries_of_another_dimension_are_one_line_naming_both(small, tmp_
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1, lines
     assert "24-d" in lines[0] and "16-d" in lines[0] and "input.dim" not in lines[0]
+
+
+def test_a_claim_read_while_its_holder_rewrites_it_is_still_the_holders(tmp_path):
+    """The heartbeat rewrites the claim file in place; a verify that reads it meanwhile can see it
+    truncated or torn, and must read again rather than stop the run as if another had taken it."""
+    location = str(tmp_path / "out")
+    with Claim([location]) as claim:
+        uri = storage.join(location, CLAIM)
+        stop = threading.Event()
+
+        def rewrite() -> None:
+            lengths = 0
+            while not stop.is_set():
+                lengths += 1  # payloads of changing length, as heartbeat timestamps make them
+                storage.write_bytes(uri, claim._payload()[:-1] + b" " * (lengths % 7) + b"}")
+
+        writer = threading.Thread(target=rewrite)
+        writer.start()
+        try:
+            for _ in range(300):
+                claim.verify()
+        finally:
+            stop.set()
+            writer.join()
