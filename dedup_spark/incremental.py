@@ -282,6 +282,19 @@ def _to_files(width: int, files: list[tuple[str, dict]]):
     return route
 
 
+def _rows_by_bucket(slots: np.ndarray):
+    """bucket id -> the ascending indices of the rows that joined it, from rows x width slots: one
+    sort for all buckets, where a scan of every row per bucket costs a pack's buckets times."""
+    rows, joined = bucket.joined_buckets(slots)
+    order = np.argsort(joined, kind="stable")
+    rows, joined = rows[order], joined[order]
+
+    def of(bucket_id: int) -> np.ndarray:
+        return rows[np.searchsorted(joined, bucket_id):np.searchsorted(joined, bucket_id, side="right")]
+
+    return of
+
+
 def _against_corpus(files: list[tuple[str, dict]], dim: int, width: int, thresholds: list[float], block_rows: int,
                     memory: int, probe_ids: np.ndarray, probes: np.ndarray):
     """The stream handler of one index file: its new rows against the file's kept corpus rows of
@@ -302,9 +315,9 @@ def _against_corpus(files: list[tuple[str, dict]], dim: int, width: int, thresho
             new_ids = rows.column("row_id").to_numpy()
             new_emb = binary_matrix(rows.column("embedding"), dim)
             new_slots = binary_matrix(rows.column("buckets"), width, "int32")
+            new_in, old_in = _rows_by_bucket(new_slots), _rows_by_bucket(corpus_slots)
             for bucket_id in np.intersect1d(entry["buckets"], np.unique(new_slots)):
-                new_rows = np.flatnonzero((new_slots == bucket_id).any(axis=1))
-                old_rows = np.flatnonzero((corpus_slots == bucket_id).any(axis=1))
+                new_rows, old_rows = new_in(bucket_id), old_in(bucket_id)
                 if not len(new_rows) or not len(old_rows):
                     continue
                 points = np.concatenate([new_emb[new_rows], corpus_emb[old_rows]])
