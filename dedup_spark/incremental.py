@@ -72,16 +72,18 @@ DRIFT_GROWTH = 2.0
 
 @dataclass(frozen=True)
 class Reference:
-    """A published output an incremental run builds on: its index manifest and model."""
+    """A published output an incremental run builds on: its index manifest and model, and the
+    chain's segments with absolute locations and their file lists."""
 
     uri: str
     manifest: dict[str, Any]
+    segments: list[dict[str, Any]]
 
     @classmethod
     def open(cls, uri: str) -> Reference:
         # Absolute, so the manifest this run publishes names the chain's segments from anywhere
         # (a later run, another working directory, an executor).
-        uri = storage.absolute(uri)
+        uri = storage.absolute(uri).rstrip("/")
         if not storage.exists(storage.join(uri, SUCCESS)):
             raise InputError(f"reference {uri} is not a published output of this job (no _SUCCESS)")
         manifest_uri = storage.join(uri, "index", MANIFEST)
@@ -91,13 +93,13 @@ class Reference:
         if manifest.get("format") != FORMAT:
             raise InputError(f"reference {uri} has an index of format {manifest.get('format')}, this job reads "
                              f"format {FORMAT}: run the reference again (or run without --reference)")
-        return cls(uri.rstrip("/"), manifest)
+        return cls(uri, manifest, _chain(uri, manifest))
 
     @property
     def digest(self) -> str:
         """The manifest's content: stage keys follow it, so a reference republished at the same
         location is never mistaken for the one an interrupted run started from."""
-        return hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+        return manifest_digest(self.manifest)[:16]
 
     @property
     def outputs(self) -> list[str]:
@@ -115,12 +117,6 @@ class Reference:
         return storage.join(self.uri, "model")
 
     @property
-    def segments(self) -> list[dict[str, Any]]:
-        """The chain's segments with absolute locations (a run names its own relative to its index)."""
-        return [{**s, "uri": s["uri"] if "://" in s["uri"] or s["uri"].startswith("/")
-                 else storage.join(self.uri, "index", s["uri"])} for s in self.manifest["segments"]]
-
-    @property
     def row_id_max(self) -> int:
         value = self.manifest.get("row_id_max")
         return -1 if value is None else int(value)
@@ -128,6 +124,34 @@ class Reference:
     def files(self) -> list[tuple[str, dict]]:
         """Every index file of the chain: (its segment's location, its manifest entry)."""
         return [(segment["uri"], entry) for segment in self.segments for entry in segment["files"]]
+
+    def links(self) -> list[dict[str, Any]]:
+        """The chain's segments as the next run's manifest lists them: without their file lists,
+        which stay in the manifest of the output holding each segment."""
+        return [{key: value for key, value in segment.items() if key != "files"} for segment in self.segments]
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _chain(uri: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The segments of the manifest at ``uri``, absolute, each with its files. A manifest lists its
+    own segment's files and only the location and manifest digest of the earlier ones, so a chain of
+    n runs keeps n file lists, not n²/2: each earlier list is read from its own output's manifest,
+    which must be the one the chain was built on."""
+    *earlier, own = manifest["segments"]
+    chain = []
+    for entry in earlier:
+        index_uri = entry["uri"].rsplit("/", 1)[0]
+        published = storage.read_json(storage.join(index_uri, MANIFEST))
+        if manifest_digest(published) != entry["manifest_sha256"]:
+            raise InputError(f"{index_uri} was published again after the chain of {uri} was built on it: its "
+                             "segment is no longer the one the chain deduplicated against; run the chain again "
+                             "from that output")
+        chain.append({**entry, "files": published["segments"][-1]["files"]})
+    location = own["uri"] if "://" in own["uri"] or own["uri"].startswith("/") else storage.join(uri, "index", own["uri"])
+    return [*chain, {**own, "uri": location, "manifest_sha256": manifest_digest(manifest)}]
 
 
 def check_settings(reference: Reference, config: JobConfig) -> None:

@@ -15,9 +15,10 @@ a pack of neighbouring buckets, or one block of a split bucket; a row is stored 
 a bucket it joined, and the manifest lists each file's buckets, so an incremental run's task for a
 file reads that file alone, once (every file is read once: the recall probes meet every corpus row).
 This stage adds the members files and the manifest. A run's
-own segment is named relative to its manifest; an incremental run lists its reference's segments
-by their absolute location, then its own: nothing is copied, so a daily schedule is a chain of
-outputs, each complete.
+own segment is named relative to its manifest, with its files; an incremental run lists its
+reference's segments by their absolute location and the digest of the manifest that lists their
+files (the manifest of the output holding each), then its own: nothing is copied, so a daily
+schedule is a chain of outputs, each complete, and a chain of n runs holds n file lists.
 
 Stage ``index``: in, the assign table, the search plan and ``duplicates/``; out, ``index/``.
 """
@@ -39,7 +40,7 @@ from dedup_spark.stage import RunContext, Stage
 
 MANIFEST = "manifest.json"
 SEGMENT = "segment"
-FORMAT = 2
+FORMAT = 3
 BUCKET_ROWS = "bucket_rows.npy"
 
 _ROUTE_SCHEMA = T.StructType([T.StructField("task_id", T.IntegerType(), False),
@@ -135,10 +136,11 @@ def _members_writer(target: str, scratch: str):
 
 
 def _manifest(ctx: RunContext, kept: int, files: list[dict]) -> dict:
-    """The chain so far: the reference's segments (absolute), then this run's (relative)."""
+    """The chain so far: the reference's segments (absolute, without their file lists), then this
+    run's (relative, with its files)."""
     model = ctx.model
     own = {"uri": SEGMENT, "rows": kept, "row_id_max": ctx.results["read"].get("row_id_max"), "files": files}
-    earlier = [] if ctx.reference is None else ctx.reference.segments
+    earlier = [] if ctx.reference is None else ctx.reference.links()
     maxima = [s["row_id_max"] for s in [*earlier, own] if s.get("row_id_max") is not None]
     return {"format": FORMAT, "dim": ctx.dim, "threshold": ctx.threshold, "model_id": model.model_id,
             "buckets": model.rounds * model.buckets_per_round, "width": model.width,

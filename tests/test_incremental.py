@@ -184,6 +184,8 @@ def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_ear
     assert [s["rows"] for s in manifest["segments"]] == [len(a_kept), len(b_kept),
                                                          sizes["C"] - sum(r for r, _ in expected_c.values())]
     assert manifest["segments"][0]["uri"].startswith(str(out_a))
+    # Only a run's own segment lists its files: an earlier one's stay in the manifest that published them.
+    assert ["files" in s for s in manifest["segments"]] == [False, False, True]
     assert _checksums(out_a) == before_a, "no run may rewrite an earlier output"
     # Publishing over any output of the chain would replace a segment later runs read.
     sys.path.insert(0, str(REPO / "jobs"))
@@ -196,6 +198,13 @@ def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_ear
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and ("out-A" in lines[0] or "input.id_column" in lines[0]), lines
     assert _checksums(out_a) == before_a
+    # A link published again after the chain was built on it no longer holds the segment the chain
+    # deduplicated against: the next run on the chain refuses in one line.
+    a_manifest = out_a / "index" / "manifest.json"
+    a_manifest.write_text(json.dumps({**json.loads(a_manifest.read_text()), "model_id": "another model"}))
+    assert cli.main(["--input", str(paths["C"]), "--output", str(directory / "out-D"), "--reference", str(out_c)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "published again" in lines[0] and str(out_a) in lines[0], lines
 
 
 def test_new_ids_colliding_with_the_corpus_and_a_reference_that_is_not_published_are_one_line_errors(
