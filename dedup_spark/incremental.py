@@ -47,8 +47,9 @@ from dedup_spark.tables import binary_matrix
 
 log = logging.getLogger("dedup_spark")
 
-# Levels of the reference stage's rows beside search.py's: a probe's pair with a corpus row.
-PROBE = -7
+# Levels of the reference stage's rows beside search.py's (below all of them): a probe's pair with a
+# corpus row.
+PROBE = search.ATTACHED - 1
 LINKS_SCHEMA = T.StructType([
     T.StructField("row_id_a", T.LongType(), False),  # a new row (a probe for PROBE rows; a counter's index)
     T.StructField("row_id_b", T.LongType(), False),  # a corpus row (a counter's value)

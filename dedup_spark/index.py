@@ -35,6 +35,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import bucket, search, storage, tables
+from dedup_spark.errors import InputError
 from dedup_spark.group import BROADCAST_MEMBERS
 from dedup_spark.stage import RunContext, Stage
 
@@ -185,7 +186,12 @@ def read_file(segment_uri: str, entry: dict) -> pa.Table:
     if entry.get("members"):
         with storage.open_input(storage.join(segment_uri, members_file(entry["task"]))) as handle:
             members = pq.read_table(handle)
-        at = np.searchsorted(row_ids, members.column("row_id").to_numpy())
+        member_ids = members.column("row_id").to_numpy()
+        at = np.searchsorted(row_ids, member_ids)
+        if not ((at < len(row_ids)).all() and np.array_equal(row_ids[at], member_ids)):
+            # Both files are written from one search plan; rows not found mean they are not a pair.
+            raise InputError(f"index file {search.index_file(entry['task'])} of {segment_uri} does not hold every "
+                             f"row its members file lists: the index is damaged; run that output again")
         group_ids[at] = members.column("group_id").to_numpy()
         sizes[at] = members.column("group_size").to_numpy()
         keep[at] = members.column("is_kept").to_numpy(zero_copy_only=False)

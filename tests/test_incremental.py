@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from helpers import read_table, run_job
@@ -235,3 +236,29 @@ def test_new_ids_colliding_with_the_corpus_and_a_reference_that_is_not_published
                      str(tmp_path / "out-A"), "--overwrite", "--set", "input.id_column=photo_id"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "out-A" in lines[0], "the reference may not be the output"
+
+
+def test_an_index_file_is_read_with_its_members_and_a_member_it_lacks_is_an_error(tmp_path):
+    """Kept rows only, with their group and size (a row not listed is its own group of one); a
+    members file naming a row its index file lacks is a damaged index, not a silent misplacement."""
+    from dedup_spark.index import members_file, read_file
+    from dedup_spark.search import index_file
+
+    rows = pa.table({"row_id": pa.array([3, 5, 9, 12], pa.int64()), "buckets": [b"a", b"b", b"c", b"d"],
+                     "embedding": [b"3", b"5", b"9", b"12"]})
+    pq.write_table(rows, tmp_path / index_file(7))
+
+    def members(row_ids, kept):
+        pq.write_table(pa.table({"row_id": pa.array(row_ids, pa.int64()), "group_id": pa.array([5] * len(row_ids), pa.int64()),
+                                 "group_size": pa.array([4] * len(row_ids), pa.int64()), "is_kept": kept}),
+                       tmp_path / members_file(7))
+
+    members([5, 9, 12], [True, False, False])
+    table = read_file(str(tmp_path), {"task": 7, "members": True})
+    assert table.select(["row_id", "group_id", "group_size", "embedding"]).to_pylist() == [
+        {"row_id": 3, "group_id": 3, "group_size": 1, "embedding": b"3"},
+        {"row_id": 5, "group_id": 5, "group_size": 4, "embedding": b"5"}]
+    for lacking in ([5, 10], [5, 13]):  # between two rows, and past the last
+        members(lacking, [True, False])
+        with pytest.raises(InputError, match="does not hold every row its members file lists"):
+            read_file(str(tmp_path), {"task": 7, "members": True})
