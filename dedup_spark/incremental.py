@@ -6,7 +6,8 @@ run reads only its new input, and:
 - reuses the reference's model (``model/``: no training) and assigns only the new rows with it;
 - searches the new rows among themselves (the usual search stage) and against the corpus's kept
   rows in the buckets they share (``reference`` stage, below), reading the corpus index
-  (``index/``, see ``index.py``) once, one index file per task;
+  (``index/``, see ``index.py``) once, one index file per task (or several tasks, each reading
+  the file, when its new rows would exceed half of ``max_task_rows``);
 - never changes the reference: corpus rows keep their published groups. A new row connected
   (through new rows or directly) to kept corpus rows is removed and joins the published group of
   smallest ``group_id`` among them; new rows that duplicate only each other form new groups under
@@ -60,7 +61,7 @@ LINKS_SCHEMA = T.StructType([
     T.StructField("embedding", T.BinaryType(), True),  # the corpus row's, on level-0 links
 ])
 _ROUTED = T.StructType([
-    T.StructField("file", T.IntegerType(), False),
+    T.StructField("task", T.IntegerType(), False),
     T.StructField("row_id", T.LongType(), False),
     T.StructField("buckets", T.BinaryType(), False),
     T.StructField("embedding", T.BinaryType(), False),
@@ -257,17 +258,20 @@ def _reference_run(ctx: RunContext) -> dict:
 
     spark, work, model, reference = ctx.spark, ctx.work, ctx.model, ctx.reference
     files = reference.files()
-    routed = read.map_valid_rows_beside(spark, work.rows, work.assigned, _to_files(model.width, files), _ROUTED)
+    first_task = _task_layout(files, ctx)
+    routed = read.map_valid_rows_beside(spark, work.rows, work.assigned, _to_tasks(model.width, files, first_task),
+                                        _ROUTED)
     # One empty row per index file, so every file is read once: the probes meet every corpus row.
-    sentinels = spark.createDataFrame([(f, -1, b"", b"") for f in range(len(files))], _ROUTED)
+    sentinels = spark.createDataFrame([(int(first_task[f]), -1, b"", b"") for f in range(len(files))], _ROUTED)
+    tasks = int(first_task[-1])
     probe_ids, probe_matrix = np.zeros(0, np.int64), np.zeros((0, ctx.dim), np.float16)
     if probing(ctx):
         probe_ids, probe_matrix = estimate.probes(spark, work.rows, ctx.config.estimate.sample_rows, ctx.valid_rows,
                                                   ctx.dim, ctx.config.bucketing.seed,
                                                   read.StoredSample.from_dict(ctx.results["read"]["sample"]))
     links = tables.stream_groups(
-        routed.unionByName(sentinels), "file", ["row_id"], min(max(1, len(files)), 4 * spark.sparkContext.defaultParallelism),
-        _against_corpus(files, ctx.dim, model.width, ctx.thresholds, ctx.config.search.query_block_rows,
+        routed.unionByName(sentinels), "task", ["row_id"], min(max(1, tasks), 4 * spark.sparkContext.defaultParallelism),
+        _against_corpus(files, first_task, ctx.dim, model.width, ctx.thresholds, ctx.config.search.query_block_rows,
                         bucket.task_memory_bytes(spark) // 4, probe_ids, probe_matrix),
         LINKS_SCHEMA, by_id=True)
     info = tables.write_table(links, work.reference_links)
@@ -276,16 +280,32 @@ def _reference_run(ctx: RunContext) -> dict:
                                                                                "level"), len(ctx.thresholds))
     return {"rows": info.rows, "pair_counts": stats.pair_counts, "histogram": stats.histogram,
             "forest_edges": stats.forest_edges, "kernel_task_seconds": round(stats.kernel_seconds, 3),
-            "corpus_rows_read": stats.task_rows, "files": len(files),
+            "corpus_rows_read": stats.task_rows, "files": len(files), "tasks": tasks,
             "note": f"{stats.pair_counts[0]} pairs with corpus rows, {stats.task_rows} kept corpus rows read "
-                    f"from {len(files)} index files, {stats.kernel_seconds:.1f} s in the kernel over all tasks"}
+                    f"from {len(files)} index files in {tasks} tasks, {stats.kernel_seconds:.1f} s in the kernel "
+                    "over all tasks"}
 
 
 REFERENCE_STAGE = Stage("reference", _reference_settings, _reference_run)
 
 
-def _to_files(width: int, files: list[tuple[str, dict]]):
-    """New rows to the index files holding the buckets they joined: one routed row per (row, file)."""
+def _task_layout(files: list[tuple[str, dict]], ctx: RunContext) -> np.ndarray:
+    """The first task of each index file, then the number of tasks. A file's new rows are split by
+    row_id over as many tasks as keep each under half of ``max_task_rows`` (the file's own rows,
+    one search task's, take the rest), so a delivery crowding a few buckets cannot put them all in
+    one task; each task reads the file again. A file's new rows are bounded by the new rows of its
+    buckets (the assign stage's counts; a row in two of them counts twice)."""
+    from dedup_spark.assign import bucket_sizes
+
+    cap = max(1, bucket.max_task_rows(bucket.task_memory_bytes(ctx.spark), ctx.dim, ctx.config) // 2)
+    sizes = bucket_sizes(ctx)
+    bounds = np.array([sum(sizes.get(int(b), 0) for b in entry["buckets"]) for _, entry in files], np.int64)
+    return np.concatenate([[0], np.cumsum(np.maximum(1, -(-bounds // cap)))]).astype(np.int64)
+
+
+def _to_tasks(width: int, files: list[tuple[str, dict]], first_task: np.ndarray):
+    """New rows to the tasks of the index files holding the buckets they joined: one routed row per
+    (row, file), in the file's task of its row_id."""
     pairs = [(bucket_id, number) for number, (_, entry) in enumerate(files) for bucket_id in entry["buckets"]]
     by_bucket = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
 
@@ -300,8 +320,11 @@ def _to_files(width: int, files: list[tuple[str, dict]]):
         pairs = np.unique(np.stack([row[source], by_bucket[at, 1]], axis=1), axis=0) if len(source) else \
             np.zeros((0, 2), np.int64)
         take = pa.array(pairs[:, 0])
+        row_ids = rows.column("row_id").take(take)
+        file = pairs[:, 1]
+        task = first_task[file] + row_ids.to_numpy() % (first_task[file + 1] - first_task[file])
         yield pa.RecordBatch.from_arrays(
-            [pa.array(pairs[:, 1].astype(np.int32)), rows.column("row_id").take(take),
+            [pa.array(task.astype(np.int32)), row_ids,
              assigned.column("buckets").take(take), rows.column("embedding").take(take)], names=_ROUTED.names)
 
     return route
@@ -320,14 +343,15 @@ def _rows_by_bucket(slots: np.ndarray):
     return of
 
 
-def _against_corpus(files: list[tuple[str, dict]], dim: int, width: int, thresholds: list[float], block_rows: int,
-                    memory: int, probe_ids: np.ndarray, probes: np.ndarray):
-    """The stream handler of one index file: its new rows against the file's kept corpus rows of
-    each bucket both joined (a bipartite search: new x corpus only), and the file's kept corpus rows
-    against the probes."""
+def _against_corpus(files: list[tuple[str, dict]], first_task: np.ndarray, dim: int, width: int,
+                    thresholds: list[float], block_rows: int, memory: int, probe_ids: np.ndarray, probes: np.ndarray):
+    """The stream handler of one task of an index file: its new rows against the file's kept corpus
+    rows of each bucket both joined (a bipartite search: new x corpus only), and, in the file's first
+    task, the file's kept corpus rows against the probes."""
 
-    def handle(file_id: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
-        segment, entry = files[int(file_id)]
+    def handle(task: object, rows: pa.Table) -> Iterator[pa.RecordBatch]:
+        file = int(np.searchsorted(first_task, int(task), side="right")) - 1
+        segment, entry = files[file]
         corpus = read_file(segment, entry)
         rows = rows.filter(pc.greater(pc.binary_length(rows.column("buckets")), 0))
         corpus_ids = corpus.column("row_id").to_numpy()
@@ -357,7 +381,7 @@ def _against_corpus(files: list[tuple[str, dict]], dim: int, width: int, thresho
                     taken = old_rows[corpus_at - len(new_rows)]
                     yield _links(new_ids[new_rows[new_at]], corpus_ids[taken], groups[taken], sizes[taken],
                                  similarity, level, embeddings.take(pa.array(taken)) if level == 0 else None)
-        if len(probe_ids) and len(corpus_ids):
+        if len(probe_ids) and len(corpus_ids) and int(task) == first_task[file]:
             for i, j, similarity in kernels.search_pairs(probes, corpus_emb, thresholds[0]):
                 yield _links(probe_ids[i], corpus_ids[j], groups[j], sizes[j], similarity, PROBE, None)
         yield from counters.batches(len(corpus_ids))
@@ -605,6 +629,7 @@ def reference_report(ctx: RunContext) -> dict:
     return {"uri": ctx.reference.uri, "segments": len(ctx.reference.segments),
             "corpus_rows": int(ctx.reference.manifest["rows"]), "row_id_max": ctx.reference.row_id_max,
             "pairs_with_corpus": searched["pair_counts"][0], "corpus_entries_read": searched["corpus_rows_read"],
-            "index_files": searched["files"], "kernel_task_seconds": searched["kernel_task_seconds"],
+            "index_files": searched["files"], "tasks": searched["tasks"],
+            "kernel_task_seconds": searched["kernel_task_seconds"],
             "rows_joined_to_corpus_groups": grouped["rows_joined_to_corpus"],
             "corpus_groups_joined": grouped["joined_corpus_groups"], "drift": drift(ctx)}

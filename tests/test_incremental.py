@@ -157,6 +157,8 @@ def test_a_chain_of_incremental_runs_equals_the_oracle_and_never_rewrites_an_ear
     assert report_b["reference"]["uri"] == str(out_a) and report_b["reference"]["drift"]["largest_bucket_before"] > 0
     assert report_b["stages_reused"] == [] and "train" in report_b["timings_seconds"]
     assert report_b["recall_estimate"]["closure_recall"] == 1.0
+    # Each index file's new rows are split over tasks of at most max_task_rows / 2 of them.
+    assert report_b["reference"]["tasks"] > report_b["reference"]["index_files"]
     dedup_b = sum(len(np.load(f)) for f in (out_b / "dedup" / "img_emb").glob("*.npy"))
     assert dedup_b == sizes["B"] - sum(removed for removed, _ in expected.values())
 
