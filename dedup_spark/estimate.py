@@ -143,15 +143,23 @@ def _settings(ctx: RunContext) -> dict:
     return {"sample_rows": ctx.config.estimate.sample_rows}
 
 
-def _run(ctx: RunContext) -> dict:
+def probe_pairs_found(ctx: RunContext) -> DataFrame | None:
+    """The probes' true pairs, found by the assign stage's scan; None when the run sampled none
+    (the stage is then skipped)."""
     from dedup_spark.assign import probing
 
-    if not probing(ctx):
-        return {"rows": 0, "skipped": True}
-    spark, work = ctx.spark, ctx.work
+    return tables.read_table(ctx.spark, ctx.work.probe_pairs) if probing(ctx) else None
+
+
+SKIPPED = {"rows": 0, "skipped": True}
+
+
+def _run(ctx: RunContext) -> dict:
     started = time.perf_counter()
-    # The probes' true pairs were found by the assign stage's scan; here they meet the groups.
-    probe_pairs = tables.read_table(spark, work.probe_pairs)
+    probe_pairs = probe_pairs_found(ctx)
+    if probe_pairs is None:
+        return dict(SKIPPED)
+    spark, work = ctx.spark, ctx.work
     sampled = ctx.results["assign"]["probe_rows"]
     pairs = tables.read_table(spark, work.pairs) if ctx.all_pairs else None
     result = estimate_recall(true_pairs(probe_pairs), sampled, tables.read_table(spark, work.duplicates), pairs)

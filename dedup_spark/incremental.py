@@ -60,12 +60,9 @@ LINKS_SCHEMA = T.StructType([
     T.StructField("level", T.IntegerType(), False),
     T.StructField("embedding", T.BinaryType(), True),  # the corpus row's, on level-0 links
 ])
-_ROUTED = T.StructType([
-    T.StructField("task", T.IntegerType(), False),
-    T.StructField("row_id", T.LongType(), False),
-    T.StructField("buckets", T.BinaryType(), False),
-    T.StructField("embedding", T.BinaryType(), False),
-])
+# A new row routed to a reference task: the search's routed row, by task, without a side.
+_ROUTED = T.StructType([T.StructField("task", T.IntegerType(), False),
+                        *(bucket.ROUTED_SCHEMA[name] for name in ("row_id", "buckets", "embedding"))])
 # The drift warning: new rows spread over the buckets unlike the corpus (total variation distance),
 # or the largest bucket grew this much.
 DRIFT_DISTANCE = 0.3
@@ -564,13 +561,11 @@ def _removed_at(ctx: RunContext, edges: DataFrame, links: DataFrame, level: int)
 # The estimate stage: sampled new rows against the new rows and the whole corpus ------------------
 
 def _estimate_run(ctx: RunContext) -> dict:
-    from dedup_spark.assign import probing
-
-    if not probing(ctx):
-        return {"rows": 0, "skipped": True}
-    spark, work = ctx.spark, ctx.work
     started = time.perf_counter()
-    probe_pairs = tables.read_table(spark, work.probe_pairs)
+    probe_pairs = estimate.probe_pairs_found(ctx)
+    if probe_pairs is None:
+        return dict(estimate.SKIPPED)
+    spark, work = ctx.spark, ctx.work
     corpus_pairs = tables.read_table(spark, work.reference_links).where(F.col("level") == PROBE)
     duplicates = tables.read_table(spark, work.duplicates, ["row_id", "group_id", "is_kept"])
     new_pairs = estimate.closure_flags(estimate.true_pairs(probe_pairs), duplicates)
