@@ -513,6 +513,20 @@ def joined_buckets(buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.nonzero(joins)[0], buckets[joins]
 
 
+def rows_by_bucket(buckets: np.ndarray) -> Callable[[int], np.ndarray]:
+    """bucket id -> the ascending indices of the rows that joined it, from rows x width sorted
+    slots: one sort for all buckets, so a bucket's rows are one slice, found in time linear in the
+    rows however many buckets are asked for."""
+    rows, joined = joined_buckets(buckets)
+    order = np.argsort(joined, kind="stable")
+    rows, joined = rows[order], joined[order]
+
+    def of(bucket_id: int) -> np.ndarray:
+        return rows[np.searchsorted(joined, bucket_id):np.searchsorted(joined, bucket_id, side="right")]
+
+    return of
+
+
 class BucketCounts(NamedTuple):
     sizes: dict[int, int]  # rows per bucket
     shared: np.ndarray  # (bucket_a, bucket_b, rows joining both), bucket_a < bucket_b, int64

@@ -149,7 +149,8 @@ def _chain(uri: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
                              "segment is no longer the one the chain deduplicated against; run the chain again "
                              "from that output")
         chain.append({**entry, "files": published["segments"][-1]["files"]})
-    location = own["uri"] if "://" in own["uri"] or own["uri"].startswith("/") else storage.join(uri, "index", own["uri"])
+    # A run names its own segment relative to its index (index.SEGMENT).
+    location = storage.join(uri, "index", own["uri"])
     return [*chain, {**own, "uri": location, "manifest_sha256": manifest_digest(manifest)}]
 
 
@@ -327,19 +328,6 @@ def _to_tasks(width: int, files: list[tuple[str, dict]], first_task: np.ndarray)
     return route
 
 
-def _rows_by_bucket(slots: np.ndarray):
-    """bucket id -> the ascending indices of the rows that joined it, from rows x width slots: one
-    sort for all buckets, where a scan of every row per bucket costs a pack's buckets times."""
-    rows, joined = bucket.joined_buckets(slots)
-    order = np.argsort(joined, kind="stable")
-    rows, joined = rows[order], joined[order]
-
-    def of(bucket_id: int) -> np.ndarray:
-        return rows[np.searchsorted(joined, bucket_id):np.searchsorted(joined, bucket_id, side="right")]
-
-    return of
-
-
 def _against_corpus(files: list[tuple[str, dict]], first_task: np.ndarray, dim: int, width: int,
                     thresholds: list[float], block_rows: int, memory: int, probe_ids: np.ndarray, probes: np.ndarray):
     """The stream handler of one task of an index file: its new rows against the file's kept corpus
@@ -361,7 +349,7 @@ def _against_corpus(files: list[tuple[str, dict]], first_task: np.ndarray, dim: 
             new_ids = rows.column("row_id").to_numpy()
             new_emb = binary_matrix(rows.column("embedding"), dim)
             new_slots = binary_matrix(rows.column("buckets"), width, "int32")
-            new_in, old_in = _rows_by_bucket(new_slots), _rows_by_bucket(corpus_slots)
+            new_in, old_in = bucket.rows_by_bucket(new_slots), bucket.rows_by_bucket(corpus_slots)
             for bucket_id in np.intersect1d(entry["buckets"], np.unique(new_slots)):
                 new_rows, old_rows = new_in(bucket_id), old_in(bucket_id)
                 if not len(new_rows) or not len(old_rows):

@@ -47,7 +47,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from dedup_spark import bucket, faults, kernels, storage, tables
-from dedup_spark.bucket import joined_buckets
+from dedup_spark.bucket import rows_by_bucket
 from dedup_spark.read import map_valid_rows_beside
 from dedup_spark.stage import RunContext, Stage
 from dedup_spark.tables import BatchTransform, binary_matrix, stream_groups
@@ -91,18 +91,13 @@ def search_task(rows: pa.Table, dim: int, thresholds: list[float], block_rows: i
     work = np.zeros(3, np.int64)
     packed = len(bucket_ids) > 1 and buckets is not None
     if packed:
-        # Every (row, bucket) the pack's rows joined, by bucket (rows ascending within one): a
-        # bucket's rows are then one slice, found in time linear in the rows, however many buckets.
-        member_rows, member_buckets = joined_buckets(buckets)
-        by_bucket = np.argsort(member_buckets, kind="stable")
-        member_rows, member_buckets = member_rows[by_bucket], member_buckets[by_bucket]
+        rows_of = rows_by_bucket(buckets)
     for bucket_id in bucket_ids:
         started = time.perf_counter()
         if packed:
             # Each bucket's rows gathered first, so the kernel's union-find and gathers span the
             # bucket, not the pack.
-            nodes = member_rows[np.searchsorted(member_buckets, bucket_id):
-                                np.searchsorted(member_buckets, bucket_id, side="right")]
+            nodes = rows_of(bucket_id)
             points, right, owners = embeddings[nodes], right_mask[nodes], buckets[nodes]
         else:
             nodes, points, right, owners = np.arange(len(row_ids)), embeddings, right_mask, buckets
