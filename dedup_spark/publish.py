@@ -207,10 +207,9 @@ def _read_claim(uri: str, attempts: int = 5) -> dict[str, Any]:
         except (json.JSONDecodeError, UnicodeDecodeError):
             if attempt + 1 < attempts:
                 time.sleep(0.2 * (attempt + 1))
-                continue
-            return {"run_id": "unreadable claim"}
+            continue
         return payload if isinstance(payload, dict) else {}
-    return {}
+    return {"run_id": "unreadable claim"}
 
 
 def _holder_dead(holder: dict[str, Any], timeout: float) -> str | None:
